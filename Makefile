@@ -1,0 +1,35 @@
+# Two entry points (see README): `make demo` runs the embedded default, `make test` the tests.
+# Both build .venv from this repository's own files first; nothing needs installing by hand.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The torch wheels this project is tested with; pinning them here keeps pip from
+# resolving to a newer multi-GB CUDA build.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+
+.PHONY: setup fonts demo test lint
+setup: $(BIN)/.installed fonts
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[dev]'
+	touch $@
+
+# The zoo's scenes are rendered from Debian's colour emoji font.
+fonts:
+	@test -f $(EMOJI_FONT) || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fonts-noto-color-emoji; }
+
+demo: setup
+	$(BIN)/clip-audit demo
+
+test: setup
+	$(BIN)/ruff check auditor engines tests benchmarks
+	$(BIN)/mypy auditor engines
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check auditor engines tests benchmarks
+	$(BIN)/mypy auditor engines
