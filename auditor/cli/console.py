@@ -1,0 +1,65 @@
+"""One Rich console on stderr for logs, progress and summaries; stdout is for reports only."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+@dataclass
+class CliState:
+    """Process-wide CLI settings: verbosity (-1 quiet, 0 normal, 1+ verbose) and the console."""
+
+    verbosity: int = 0
+    console: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
+
+    def info(self, message: str) -> None:
+        if self.verbosity >= 0:
+            self.console.print(message)
+
+    def debug(self, message: str) -> None:
+        if self.verbosity >= 1:
+            self.console.print(f"[dim]{message}[/dim]")
+
+    def error(self, message: str, hint: str | None = None) -> None:
+        # One line (plus an optional hint line), never a traceback.
+        self.console.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True, markup=True)
+        if hint:
+            self.console.print(f"[yellow]hint:[/yellow] {hint}", soft_wrap=True)
+
+    def internal_error(self, exc: BaseException) -> None:
+        self.error(
+            f"internal error: {type(exc).__name__}: {exc}",
+            "this is a bug in clip-audit; run with -vv for the traceback and report it",
+        )
+        if self.verbosity >= 2:
+            self.console.print("".join(traceback.format_exception(exc)), markup=False)
+
+    @contextmanager
+    def progress(self, description: str, total: int | None) -> Iterator[Progress]:
+        """A progress bar on stderr, shown only when stderr is a terminal and not quiet."""
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+            disable=not self.console.is_terminal or self.verbosity < 0,
+        )
+        with bar:
+            bar.add_task(description, total=total)
+            yield bar
+
+
+state = CliState()
+
+
+def advance(bar: Progress, n: int) -> None:
+    """Advance the (single) task of a progress bar by n."""
+    bar.advance(bar.task_ids[0], n)

@@ -1,0 +1,94 @@
+"""`clip-audit eval`: clean accuracy and, with --attack, attack success rate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from auditor.cli.console import advance, state
+from auditor.cli.options import (
+    arch_option,
+    batch_size_option,
+    classes_option,
+    data_argument,
+    model_argument,
+    seed_option,
+)
+from auditor.evaluate import EvalResult
+
+
+@click.command("eval")
+@model_argument
+@data_argument
+@arch_option
+@classes_option
+@click.option(
+    "--attack",
+    "attack_spec",
+    default=None,
+    envvar="CLIP_AUDIT_ATTACK",
+    show_envvar=True,
+    help="Trigger to measure, e.g. patch:size=0.12,pattern=checker,pos=random,target=banana",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    envvar="CLIP_AUDIT_FORMAT",
+    show_envvar=True,
+    help="table: a summary on stderr; json: the result on stdout.",
+)
+@batch_size_option
+@seed_option
+def eval_command(
+    model: Path,
+    data: Path,
+    arch: str,
+    classes: Path | None,
+    attack_spec: str | None,
+    fmt: str,
+    batch_size: int,
+    seed: int,
+) -> int:
+    """Measure clean accuracy of MODEL on DATA (labels taken as truth) and attack success."""
+    from auditor.attacks import parse_attack
+    from auditor.data import open_dataset
+    from auditor.evaluate import evaluate
+    from auditor.models import load_model
+
+    attack = parse_attack(attack_spec) if attack_spec else None
+    dataset = open_dataset(data, classes)
+    loaded = load_model(model, arch)
+    passes = 2 if attack else 1
+    with state.progress("evaluating", total=len(dataset.samples) * passes) as bar:
+        result = evaluate(
+            loaded, dataset, attack, batch_size=batch_size, seed=seed, progress=lambda n: advance(bar, n)
+        )
+    if fmt == "json":
+        click.echo(json.dumps({"model": str(model), "data": str(data), **result.to_dict()}, indent=2))
+    else:
+        state.console.print(eval_table(str(model), result))
+    for skipped in result.skipped:
+        state.debug(f"skipped {skipped.path}: {skipped.reason}")
+    if result.skipped:
+        state.info(f"[yellow]{len(result.skipped)} file(s) skipped[/yellow] (-v lists them)")
+    return 0
+
+
+def eval_table(model_name: str, result: EvalResult) -> Table:
+    table = Table(title=f"eval: {model_name}")
+    table.add_column("images", justify="right")
+    table.add_column("clean accuracy", justify="right")
+    table.add_column("attack")
+    table.add_column("attack success", justify="right")
+    table.add_row(
+        str(result.images),
+        f"{result.clean_accuracy:.3f}",
+        result.attack or "-",
+        "-" if result.attack_success_rate is None else f"{result.attack_success_rate:.3f}",
+    )
+    return table

@@ -1,0 +1,44 @@
+"""Options shared by several commands, each with its CLIP_AUDIT_* environment variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
+existing_path = click.Path(exists=True, path_type=Path)
+
+model_argument = click.argument("model", type=existing_file)
+data_argument = click.argument("data", type=existing_path)
+arch_option = click.option(
+    "--arch",
+    required=True,
+    envvar="CLIP_AUDIT_ARCH",
+    show_envvar=True,
+    help="open_clip model name (ViT-B-32, RN50, ...) or path to a model config JSON.",
+)
+classes_option = click.option(
+    "--classes",
+    type=existing_file,
+    default=None,
+    envvar="CLIP_AUDIT_CLASSES",
+    show_envvar=True,
+    help="Class names, one per line (needed for a flat folder of images).",
+)
+batch_size_option = click.option(
+    "--batch-size",
+    type=click.IntRange(1, 4096),
+    default=64,
+    envvar="CLIP_AUDIT_BATCH_SIZE",
+    show_envvar=True,
+    help="Images per batch through the image tower.",
+)
+seed_option = click.option(
+    "--seed",
+    type=int,
+    default=0,
+    envvar="CLIP_AUDIT_SEED",
+    show_envvar=True,
+    help="Seed for everything random (trigger placement, sampling).",
+)

@@ -1,0 +1,46 @@
+"""Shared fixtures: the tiny zoo architecture, a random-init model, generated data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from auditor.zoo.build import CONFIG_PATH  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_arch() -> Path:
+    """The zoo's open_clip config (ViT 64 px, patch 16, 4 layers; text width 64)."""
+    return CONFIG_PATH
+
+
+@pytest.fixture(scope="session")
+def random_model(tiny_arch: Path):
+    """A random-init tiny CLIP (fixed seed), in eval mode."""
+    import torch
+
+    from auditor.models import build_model, resolve_arch
+
+    torch.manual_seed(1234)
+    return build_model(resolve_arch(tiny_arch))
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(random_model, tmp_path_factory) -> Path:
+    from auditor.models import save_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "random.safetensors"
+    save_checkpoint(random_model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_data(tmp_path_factory) -> Path:
+    """Clean held-out zoo scenes, 20 per class, as an ImageFolder."""
+    from auditor.zoo.build import write_test_data
+
+    return write_test_data(tmp_path_factory.mktemp("data") / "test", per_class=20)
