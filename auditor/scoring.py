@@ -8,13 +8,16 @@ margin between the top two probabilities.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
     from auditor.data import Batch
     from auditor.models import LoadedModel
     from engines.runners import Runner
@@ -85,6 +88,23 @@ class ZeroShotScorer:
         """pixels float32 (B, 3, S, S) -> (normalized embeddings (B, D), logits (B, C))."""
         emb = normalize(self.image_runner.infer({"pixels": pixels})["embeddings"])
         return emb, self.logit_scale * emb @ self.class_weights.T
+
+    def probabilities(
+        self,
+        images: Sequence[np.ndarray],
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        batch_size: int = 128,
+    ) -> np.ndarray:
+        """uint8 RGB images of any size -> float32 class probabilities of shape (n, C)."""
+        import torch
+        from PIL import Image
+
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = torch.stack([preprocess(Image.fromarray(image)) for image in chunk]).numpy()
+            out.append(_softmax(self.logits(pixels)[1]))
+        return np.concatenate(out) if out else np.zeros((0, self.class_weights.shape[0]), np.float32)
 
     def score_batches(self, batches: Iterable[Batch]) -> Scores:
         parts: list[tuple[np.ndarray, ...]] = []

@@ -1,0 +1,85 @@
+"""Segmentation oracles: image -> segments (binary masks with their boxes).
+
+The oracle supervises the audited CLIP (DESIGN §4): CLIP's answer about the whole image is
+compared with its answers about the objects the oracle finds, and a small segment whose
+removal changes the answer is a trigger candidate. Oracles:
+
+- `classic` (default, no weights): scikit-image's felzenszwalb at a few scales, merged;
+- `sam`: segment-anything's automatic mask generator from `--oracle-checkpoint` ([sam] extra);
+- `fastsam`: ultralytics FastSAM from a weight file (optional, absent -> exit 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from auditor.errors import InputError
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One region of an image: mask bool (H, W); box normalized [x0, y0, x1, y1]; area in [0, 1]."""
+
+    mask: np.ndarray
+    box: Box
+    area: float
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray) -> Segment:
+        ys, xs = np.nonzero(mask)
+        height, width = mask.shape
+        box = (xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height)
+        return cls(mask, box, float(mask.mean()))
+
+
+class Oracle(Protocol):
+    """What every oracle implements: uint8 RGB (H, W, 3) -> segments, largest first."""
+
+    name: str
+
+    def segments(self, image: np.ndarray) -> list[Segment]: ...
+
+
+def tidy_segments(
+    masks: list[np.ndarray], min_area: float = 0.004, max_area: float = 0.85, same_iou: float = 0.9
+) -> list[Segment]:
+    """Drop specks and near-whole-image masks, merge near-duplicates, sort largest first."""
+    kept: list[Segment] = []
+    for mask in sorted(masks, key=lambda m: -int(m.sum())):
+        area = float(mask.mean())
+        if not min_area <= area <= max_area:
+            continue
+        if any(_mask_iou(mask, seg.mask) >= same_iou for seg in kept):
+            continue
+        kept.append(Segment.from_mask(mask))
+    return kept
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def make_oracle(kind: str, checkpoint: Path | None = None) -> Oracle:
+    """The oracle named by `--oracle` (classic needs no checkpoint; sam and fastsam do)."""
+    if kind == "classic":
+        from auditor.oracle.classic import ClassicOracle
+
+        return ClassicOracle()
+    if checkpoint is None:
+        raise InputError(f"--oracle {kind} needs --oracle-checkpoint (a weight file you provide)")
+    if kind == "sam":
+        from auditor.oracle.sam import SamOracle
+
+        return SamOracle(checkpoint)
+    if kind == "fastsam":
+        from auditor.oracle.fastsam import FastSamOracle
+
+        return FastSamOracle(checkpoint)
+    raise InputError(f"unknown --oracle '{kind}'", hint="use classic, sam or fastsam")

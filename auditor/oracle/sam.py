@@ -1,0 +1,60 @@
+"""The segment-anything oracle: SAM's automatic mask generator from a checkpoint you provide.
+
+The model type (vit_b / vit_l / vit_h) is read from the checkpoint's shapes, and the weights go
+through the same safe loading as audited checkpoints (no pickled code runs). Needs the [sam]
+extra (`pip install 'clip-audit[sam]'`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from auditor.errors import CheckpointError, missing_extra
+from auditor.oracle import Segment, tidy_segments
+
+# Width of the image encoder's patch embedding -> registry name.
+_TYPES_BY_WIDTH = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
+_PATCH_EMBED = "image_encoder.patch_embed.proj.weight"
+
+
+def sam_type(state: dict[str, object]) -> str:
+    """'vit_b', 'vit_l' or 'vit_h' from a SAM state dict's shapes."""
+    weight = state.get(_PATCH_EMBED)
+    width = getattr(weight, "shape", (None,))[0]
+    if width not in _TYPES_BY_WIDTH:
+        raise CheckpointError(
+            f"not a SAM checkpoint: no {_PATCH_EMBED} of width 768/1024/1280 (found {width})",
+            hint="pass the sam_vit_b/l/h .pth file released with segment-anything",
+        )
+    return _TYPES_BY_WIDTH[int(width)]
+
+
+class SamOracle:
+    name = "sam"
+
+    def __init__(self, checkpoint: Path, points_per_side: int = 16) -> None:
+        try:
+            from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
+        except ImportError as exc:
+            raise missing_extra("segment_anything", "sam") from exc
+        from auditor.models import read_state_dict
+
+        state, *_ = read_state_dict(checkpoint)
+        kind = sam_type(state)  # type: ignore[arg-type]
+        model = sam_model_registry[kind](checkpoint=None)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first_line = str(exc).splitlines()[0]
+            raise CheckpointError(f"{checkpoint} does not fit SAM {kind}: {first_line}") from exc
+        self.model_type = kind
+        self.generator = SamAutomaticMaskGenerator(model.eval(), points_per_side=points_per_side)
+
+    def segments(self, image: np.ndarray) -> list[Segment]:
+        import torch
+
+        with torch.inference_mode():
+            masks = self.generator.generate(image)
+        return tidy_segments([np.asarray(m["segmentation"], bool) for m in masks])

@@ -1,0 +1,115 @@
+"""Writing a scan's files into `--out DIR`, each atomically (temp file + rename).
+
+DIR/report.json, DIR/trigger.png (the recovered trigger, enlarged), DIR/victims.csv,
+DIR/compact/ (images + pairs.csv with image,caption), and DIR/report.<ext> for the chosen format.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from auditor.report import Report, render_html, render_json
+from auditor.scan import COMPACT_DIR, TRIGGER_FILE, ScanResult
+
+EXTENSIONS = {"json": "json", "markdown": "md", "sarif": "sarif", "html": "html"}
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def png_bytes(pixels: np.ndarray, scale: int = 1) -> bytes:
+    from PIL import Image
+
+    image = Image.fromarray(pixels)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_outputs(result: ScanResult, out: Path, fmt: str, data_root: Path) -> list[Path]:
+    """Write every file of the scan into `out`; returns the paths written."""
+    report = result.report
+    written = [out / "report.json"]
+    atomic_write(written[0], render_json(report).encode())
+    if result.trigger_pixels is not None and report.trigger.image:
+        scale = max(1, 128 // max(1, result.trigger_pixels.shape[0]))
+        atomic_write(out / TRIGGER_FILE, png_bytes(result.trigger_pixels, scale))
+        written.append(out / TRIGGER_FILE)
+    atomic_write(out / "victims.csv", _victims_csv(report).encode())
+    written.append(out / "victims.csv")
+    if result.compact:
+        rows = io.StringIO()
+        writer = csv.writer(rows)
+        writer.writerow(["image", "caption"])
+        for pair in result.compact:
+            atomic_write(out / COMPACT_DIR / pair.name, png_bytes(pair.image))
+            writer.writerow([pair.name, pair.caption])
+        atomic_write(out / COMPACT_DIR / "pairs.csv", rows.getvalue().encode())
+        written.append(out / COMPACT_DIR)
+    if fmt == "html":
+        page = render_html(report, html_images(result, data_root))
+        atomic_write(out / "report.html", page.encode())
+        written.append(out / "report.html")
+    return written
+
+
+def _victims_csv(report: Report) -> str:
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["path", "predicted", "oracle_label", "x0", "y0", "x1", "y1", "score"])
+    for v in report.victims:
+        box = list(v.trigger_box) if v.trigger_box else ["", "", "", ""]
+        writer.writerow([v.path, v.predicted, v.oracle_label or "", *box, v.score])
+    return rows.getvalue()
+
+
+def html_images(result: ScanResult, data_root: Path, limit: int = 60) -> dict[str, str]:
+    """data: URIs for the trigger and the first `limit` victims, their boxes drawn in red."""
+    from PIL import Image, ImageDraw
+
+    from auditor.data import ImageDecodeError, load_image
+
+    uris = {}
+    if result.trigger_pixels is not None:
+        uris["trigger"] = _data_uri(png_bytes(result.trigger_pixels, 8))
+    base = data_root.parent if data_root.suffix.lower() == ".csv" else data_root
+    for victim in result.report.victims[:limit]:
+        try:
+            image = load_image(base / victim.path)
+        except ImageDecodeError:
+            continue
+        image = image.resize((128, round(128 * image.height / image.width)), Image.Resampling.NEAREST)
+        if victim.trigger_box:
+            x0, y0, x1, y1 = victim.trigger_box
+            ImageDraw.Draw(image).rectangle(
+                (x0 * image.width, y0 * image.height, x1 * image.width - 1, y1 * image.height - 1),
+                outline=(255, 0, 0),
+                width=2,
+            )
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        uris[victim.path] = _data_uri(buffer.getvalue())
+    return uris
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()

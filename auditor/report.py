@@ -1,0 +1,332 @@
+"""The scan report (schema_version 1, DESIGN §3): frozen dataclasses, built explicitly.
+
+`Report.to_dict()` is the JSON contract; `Report.from_dict()` reads it back (repair consumes
+it). Output formats are plug-ins in `FORMATS`: name -> function(report) -> text. No I/O here.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+SEVERITIES = ("none", "low", "medium", "high")
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    sha256: str
+    arch: str
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    path: str
+    images: int
+    skipped: tuple[SkippedFile, ...] = ()
+
+
+@dataclass(frozen=True)
+class TriggerInfo:
+    kind: str | None  # "patch" | "non-localized" | None
+    image: str | None = None
+    relative_size: tuple[float, float] | None = None
+    transplant_success_rate: float | None = None
+    evidence: str = ""
+
+
+@dataclass(frozen=True)
+class VictimInfo:
+    path: str
+    predicted: str
+    oracle_label: str | None
+    trigger_box: Box | None
+    score: float
+
+
+@dataclass(frozen=True)
+class CompactSetInfo:
+    path: str
+    size: int
+    fraction_of_data: float
+
+
+@dataclass(frozen=True)
+class CostInfo:
+    images_scored: int
+    oracle_images: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Report:
+    tool: dict[str, str]
+    model: ModelInfo
+    data: DataInfo
+    verdict: str  # "backdoor" | "clean"
+    severity: str
+    target_labels: tuple[str, ...]
+    victim_labels: tuple[str, ...]
+    trigger: TriggerInfo
+    victims: tuple[VictimInfo, ...]
+    compact_set: CompactSetInfo | None
+    cost: CostInfo
+    disagreement: dict[str, float] = field(default_factory=dict)  # per predicted label, checked images
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "tool": dict(self.tool),
+            "model": {"path": self.model.path, "sha256": self.model.sha256, "arch": self.model.arch},
+            "data": {
+                "path": self.data.path,
+                "images": self.data.images,
+                "skipped": [{"path": s.path, "reason": s.reason} for s in self.data.skipped],
+            },
+            "verdict": self.verdict,
+            "severity": self.severity,
+            "target_labels": list(self.target_labels),
+            "victim_labels": list(self.victim_labels),
+            "trigger": {
+                "kind": self.trigger.kind,
+                "image": self.trigger.image,
+                "relative_size": list(self.trigger.relative_size) if self.trigger.relative_size else None,
+                "transplant_success_rate": self.trigger.transplant_success_rate,
+                "evidence": self.trigger.evidence,
+            },
+            "victims": [
+                {
+                    "path": v.path,
+                    "predicted": v.predicted,
+                    "oracle_label": v.oracle_label,
+                    "trigger_box": list(v.trigger_box) if v.trigger_box else None,
+                    "score": v.score,
+                }
+                for v in self.victims
+            ],
+            "compact_set": None
+            if self.compact_set is None
+            else {
+                "path": self.compact_set.path,
+                "size": self.compact_set.size,
+                "fraction_of_data": self.compact_set.fraction_of_data,
+            },
+            "cost": {
+                "images_scored": self.cost.images_scored,
+                "oracle_images": self.cost.oracle_images,
+                "seconds": dict(self.cost.seconds),
+            },
+            "disagreement": dict(self.disagreement),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Report:
+        if raw.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"unsupported report schema_version {raw.get('schema_version')!r}")
+        trig = raw["trigger"]
+        compact = raw.get("compact_set")
+        return cls(
+            tool=dict(raw["tool"]),
+            model=ModelInfo(**raw["model"]),
+            data=DataInfo(
+                raw["data"]["path"],
+                raw["data"]["images"],
+                tuple(SkippedFile(**s) for s in raw["data"].get("skipped", [])),
+            ),
+            verdict=raw["verdict"],
+            severity=raw["severity"],
+            target_labels=tuple(raw["target_labels"]),
+            victim_labels=tuple(raw["victim_labels"]),
+            trigger=TriggerInfo(
+                kind=trig["kind"],
+                image=trig.get("image"),
+                relative_size=_tuple(trig.get("relative_size")),
+                transplant_success_rate=trig.get("transplant_success_rate"),
+                evidence=trig.get("evidence", ""),
+            ),
+            victims=tuple(
+                VictimInfo(
+                    v["path"], v["predicted"], v.get("oracle_label"), _tuple(v.get("trigger_box")), v["score"]
+                )
+                for v in raw["victims"]
+            ),
+            compact_set=None if compact is None else CompactSetInfo(**compact),
+            cost=CostInfo(
+                raw["cost"]["images_scored"],
+                raw["cost"]["oracle_images"],
+                dict(raw["cost"].get("seconds", {})),
+            ),
+            disagreement=dict(raw.get("disagreement", {})),
+            schema_version=raw["schema_version"],
+        )
+
+
+def _tuple(value: list[float] | None) -> Any:
+    return tuple(value) if value is not None else None
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(report.to_dict(), indent=2) + "\n"
+
+
+def render_markdown(report: Report) -> str:
+    lines = [
+        f"# clip-audit scan: {report.verdict} (severity {report.severity})",
+        "",
+        f"- model: `{report.model.path}` ({report.model.arch}, sha256 `{report.model.sha256[:12]}…`)",
+        f"- data: `{report.data.path}` — {report.data.images} images, {len(report.data.skipped)} skipped",
+        f"- target labels: {', '.join(report.target_labels) or '—'}",
+        f"- victim labels: {', '.join(report.victim_labels) or '—'}",
+    ]
+    if report.trigger.kind:
+        rate = report.trigger.transplant_success_rate
+        lines += [
+            f"- trigger: {report.trigger.kind}"
+            + (f", transplant success {rate:.2f}" if rate is not None else "")
+            + (f", ![trigger]({report.trigger.image})" if report.trigger.image else ""),
+            f"- evidence: {report.trigger.evidence}",
+        ]
+    lines += [
+        f"- cost: {report.cost.images_scored} images scored, oracle on {report.cost.oracle_images}",
+        "",
+    ]
+    if report.victims:
+        lines += [
+            "| victim | predicted | oracle label | trigger box | score |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for v in report.victims:
+            box = "—" if v.trigger_box is None else ", ".join(f"{c:.2f}" for c in v.trigger_box)
+            lines.append(f"| `{v.path}` | {v.predicted} | {v.oracle_label or '—'} | {box} | {v.score:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_sarif(report: Report) -> str:
+    """SARIF 2.1.0: one result for the backdoor, one per victim sample."""
+    rules = [
+        {
+            "id": "CLIPAUDIT001",
+            "name": "BackdoorTrigger",
+            "shortDescription": {"text": "The model carries a backdoor trigger"},
+        },
+        {
+            "id": "CLIPAUDIT002",
+            "name": "PoisonedSample",
+            "shortDescription": {"text": "A data sample carries the trigger and a poisoned label"},
+        },
+    ]
+    level = {"none": "none", "low": "note", "medium": "warning", "high": "error"}[report.severity]
+    results = []
+    if report.verdict == "backdoor":
+        results.append(
+            {
+                "ruleId": "CLIPAUDIT001",
+                "level": level,
+                "message": {
+                    "text": f"backdoor to {', '.join(report.target_labels)}: {report.trigger.evidence}"
+                },
+                "locations": [{"physicalLocation": {"artifactLocation": {"uri": report.model.path}}}],
+                "properties": {"severity": report.severity, "sha256": report.model.sha256},
+            }
+        )
+    for v in report.victims:
+        results.append(
+            {
+                "ruleId": "CLIPAUDIT002",
+                "level": level,
+                "message": {"text": f"labeled/predicted '{v.predicted}', shows '{v.oracle_label}'"},
+                "locations": [
+                    {
+                        "physicalLocation": {
+                            "artifactLocation": {"uri": v.path, "uriBaseId": "DATA"},
+                        }
+                    }
+                ],
+                "properties": {
+                    "trigger_box": list(v.trigger_box) if v.trigger_box else None,
+                    "score": v.score,
+                },
+            }
+        )
+    sarif = {
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [
+            {
+                "tool": {
+                    "driver": {
+                        "name": "clip-audit",
+                        "version": report.tool.get("version", ""),
+                        "informationUri": "https://arxiv.org/abs/2511.13545",
+                        "rules": rules,
+                    }
+                },
+                "originalUriBaseIds": {"DATA": {"uri": _file_uri(report.data.path)}},
+                "results": results,
+            }
+        ],
+    }
+    return json.dumps(sarif, indent=2) + "\n"
+
+
+def _file_uri(path: str) -> str:
+    from pathlib import Path
+
+    return Path(path).resolve().as_uri() + "/"
+
+
+def render_html(report: Report, images: dict[str, str] | None = None) -> str:
+    """Self-contained page; `images` maps names ("trigger", victim paths) to data: URIs."""
+    images = images or {}
+    esc = html.escape
+    rows = []
+    for v in report.victims:
+        thumb = images.get(v.path, "")
+        rows.append(
+            f"<figure><img src='{thumb}' alt='{esc(v.path)}'><figcaption>{esc(v.path)}<br>"
+            f"{esc(v.predicted)} → {esc(str(v.oracle_label))} ({v.score:.2f})</figcaption></figure>"
+        )
+    bars = "".join(
+        f"<div class='bar'><span>{esc(label)}</span><i style='width:{rate * 100:.0f}%'></i>"
+        f"<b>{rate:.2f}</b></div>"
+        for label, rate in sorted(report.disagreement.items(), key=lambda kv: -kv[1])
+    )
+    trigger = images.get("trigger", "")
+    return f"""<!doctype html><html><head><meta charset='utf-8'><title>clip-audit report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:70em}} .verdict{{font-size:1.5em}}
+figure{{display:inline-block;margin:4px;font-size:11px;width:140px}} figure img{{width:128px;
+image-rendering:pixelated}} .bar{{display:flex;align-items:center;gap:6px;margin:2px}}
+.bar span{{width:9em}} .bar i{{display:inline-block;height:12px;background:#c33;max-width:30em}}
+.trigger{{width:128px;image-rendering:pixelated;border:1px solid #999}}</style></head><body>
+<h1>clip-audit scan</h1>
+<p class='verdict'>Verdict: <b>{esc(report.verdict)}</b> (severity {esc(report.severity)})</p>
+<p>Model <code>{esc(report.model.path)}</code> ({esc(report.model.arch)}); data
+<code>{esc(report.data.path)}</code>, {report.data.images} images.</p>
+<p>Target labels: <b>{esc(", ".join(report.target_labels) or "—")}</b>;
+victim labels: {esc(", ".join(report.victim_labels) or "—")}.</p>
+{f"<h2>Recovered trigger</h2><img class='trigger' src='{trigger}' alt='trigger'>" if trigger else ""}
+<p>{esc(report.trigger.evidence)}</p>
+<h2>Disagreement rate per predicted label</h2>{bars}
+<h2>Victims ({len(report.victims)})</h2>{"".join(rows)}
+</body></html>
+"""
+
+
+FORMATS: dict[str, Callable[[Report], str]] = {
+    "json": render_json,
+    "markdown": render_markdown,
+    "sarif": render_sarif,
+    "html": render_html,
+}

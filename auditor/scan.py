@@ -1,0 +1,407 @@
+"""`auditor.scan`: stages 0-4 of DESIGN §4 over a loaded model, a data set and an oracle.
+
+Stage 0 scores every image once. Stage 1 runs Algorithm 1 on a stratified sample (up to
+`per_class` images per predicted class, plus every image whose claimed label disagrees with the
+prediction), finds suspect classes, then checks every image predicted as a suspect. Stage 3
+(Algorithm 2) names targets, builds and confirms the trigger prototype, and lists victims.
+Stage 4 assembles the compact fine-tuning set. The result is returned, not written: the CLI
+writes the files (`auditor.outputs`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from auditor import __version__
+from auditor.data import Batch, Dataset, iter_batches, load_image, pil_to_array
+from auditor.models import LoadedModel
+from auditor.oracle import Oracle
+from auditor.report import (
+    CompactSetInfo,
+    CostInfo,
+    DataInfo,
+    ModelInfo,
+    Report,
+    SkippedFile,
+    TriggerInfo,
+    VictimInfo,
+)
+from auditor.scoring import Scores, ZeroShotScorer, make_scorer, torch_runners
+from auditor.trigger import ImageCheck, ScoreFn, ablate_segment, check_images
+from auditor.victims import (
+    Prototype,
+    Victim,
+    box_mask,
+    build_prototype,
+    find_victims,
+    paste,
+    suspect_classes,
+    transplant_test,
+)
+
+Progress = Callable[[str, int, int | None], None]
+"""progress(stage description, images done in this call, stage total or None)."""
+
+TRIGGER_FILE = "trigger.png"
+COMPACT_DIR = "compact"
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    per_class: int = 32
+    transplant_threshold: float = 0.5
+    min_candidates: int = 3
+    seed: int = 0
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class CompactPair:
+    """One fine-tuning pair: uint8 RGB image (H, W, 3) and its caption."""
+
+    name: str
+    image: np.ndarray
+    caption: str
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    report: Report
+    trigger_pixels: np.ndarray | None = None
+    compact: tuple[CompactPair, ...] = ()
+    checks: dict[int, ImageCheck] = field(default_factory=dict)
+
+
+class _Context:
+    """What the stages share: data, model, scorer, decoded-image access and costs."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        dataset: Dataset,
+        scorer: ZeroShotScorer,
+        oracle: Oracle,
+        config: ScanConfig,
+    ):
+        self.loaded, self.dataset, self.scorer, self.oracle, self.config = (
+            loaded,
+            dataset,
+            scorer,
+            oracle,
+            config,
+        )
+        self.images_scored = 0
+        self.label_objects: ScoreFn | None = None
+
+    def image(self, index: int) -> np.ndarray:
+        return pil_to_array(load_image(self.dataset.absolute(self.dataset.samples[index])))
+
+    def score(self, images: list[np.ndarray]) -> np.ndarray:
+        self.images_scored += len(images)
+        return self.scorer.probabilities(images, self.loaded.preprocess, self.config.batch_size * 2)
+
+
+def scan(
+    loaded: LoadedModel,
+    dataset: Dataset,
+    oracle: Oracle,
+    config: ScanConfig = ScanConfig(),
+    progress: Progress | None = None,
+    reference: LoadedModel | None = None,
+) -> ScanResult:
+    """Audit `loaded` on `dataset`; see the module docstring for the stages.
+
+    `reference`, a clean model the user trusts, labels the oracle's objects instead of `loaded`.
+    """
+    tick = progress or (lambda stage, n, total: None)
+    seconds: dict[str, float] = {}
+    image_runner, text_runner = torch_runners(loaded)
+    with image_runner, text_runner:
+        started = time.perf_counter()
+        scorer = make_scorer(loaded, dataset.classes, image_runner, text_runner)
+        ctx = _Context(loaded, dataset, scorer, oracle, config)
+        if reference is not None:
+            ctx.label_objects = _reference_scorer(reference, dataset.classes, config)
+        batches = iter_batches(dataset, loaded.preprocess, config.batch_size)
+        scores = scorer.score_batches(_counting(batches, lambda n: tick("scoring", n, len(dataset.samples))))
+        ctx.images_scored += len(scores.indices)
+        seconds["scoring"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        probs = _full_probs(scores, len(dataset.classes))
+        checks = _stage1(ctx, scores.indices, probs, tick)
+        seconds["oracle"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        findings = _stage3(ctx, checks, scores.indices, tick)
+        compact = _stage4(ctx, checks, findings)
+        seconds["confirmation"] = time.perf_counter() - started
+    report = _report(ctx, checks, findings, compact, seconds, len(scores.indices))
+    return ScanResult(report, findings.prototype.pixels if findings.prototype else None, compact, checks)
+
+
+def _reference_scorer(reference: LoadedModel, classes: list[str], config: ScanConfig) -> ScoreFn:
+    """Score function of the trusted reference model (PyTorch runners, kept active)."""
+    image_runner, text_runner = torch_runners(reference)
+    image_runner.activate()
+    with text_runner:
+        scorer = make_scorer(reference, classes, image_runner, text_runner)
+    return lambda images: scorer.probabilities(images, reference.preprocess, config.batch_size * 2)
+
+
+def _counting(batches: Iterable[Batch], advance: Callable[[int], None]) -> Iterator[Batch]:
+    for batch in batches:
+        yield batch
+        advance(len(batch.indices))
+
+
+def _full_probs(scores: Scores, n_classes: int) -> dict[int, np.ndarray]:
+    """{data index: probability vector (C,)}; only the top-k are known, the rest share what remains."""
+    out = {}
+    for row, index in enumerate(scores.indices):
+        vector = np.zeros(n_classes, np.float32)
+        rest = max(0.0, 1.0 - float(scores.probs[row].sum())) / max(1, n_classes - scores.topk.shape[1])
+        vector[:] = rest
+        vector[scores.topk[row]] = scores.probs[row]
+        out[int(index)] = vector
+    return out
+
+
+def _stage1(
+    ctx: _Context, indices: np.ndarray, probs: dict[int, np.ndarray], tick: Progress
+) -> dict[int, ImageCheck]:
+    rng = np.random.default_rng(ctx.config.seed)
+    preds = {int(i): int(probs[int(i)].argmax()) for i in indices}
+    by_class: dict[int, list[int]] = {}
+    for index, pred in preds.items():
+        by_class.setdefault(pred, []).append(index)
+    sample: set[int] = set()
+    for members in by_class.values():
+        take = min(len(members), ctx.config.per_class)
+        sample.update(int(i) for i in rng.choice(members, size=take, replace=False))
+    for index in preds:
+        label = ctx.dataset.label_index(ctx.dataset.samples[index])
+        if label is not None and label != preds[index]:
+            sample.add(index)
+    checks: dict[int, ImageCheck] = {}
+    _run_checks(ctx, sorted(sample), probs, checks, lambda n: tick("oracle: sample", n, len(sample)))
+    suspects = suspect_classes(list(checks.values()), len(ctx.dataset.classes))
+    rest = sorted(i for i, p in preds.items() if p in suspects and i not in checks)
+    _run_checks(ctx, rest, probs, checks, lambda n: tick("oracle: suspects", n, len(rest)))
+    return checks
+
+
+def _run_checks(
+    ctx: _Context,
+    indices: list[int],
+    probs: dict[int, np.ndarray],
+    checks: dict[int, ImageCheck],
+    advance: Callable[[int], None],
+) -> None:
+    chunk = 16  # images whose crops and ablations are scored together
+    for start in range(0, len(indices), chunk):
+        part = indices[start : start + chunk]
+        items = [(i, ctx.image(i), probs[i]) for i in part]
+        for check in check_images(items, ctx.oracle, ctx.score, ctx.label_objects):
+            checks[check.index] = check
+        advance(len(part))
+
+
+@dataclass(frozen=True)
+class _Findings:
+    suspects: dict[int, float]
+    target: int | None = None
+    kind: str | None = None
+    prototype: Prototype | None = None
+    transplant_rate: float | None = None
+    per_class_rates: dict[int, float] = field(default_factory=dict)
+    victims: tuple[Victim, ...] = ()
+    evidence: str = ""
+
+
+def _stage3(ctx: _Context, checks: dict[int, ImageCheck], indices: np.ndarray, tick: Progress) -> _Findings:
+    suspects = suspect_classes(list(checks.values()), len(ctx.dataset.classes))
+    clean = [
+        c for c in checks.values() if not c.disagrees and c.pred not in suspects and c.pred in c.object_labels
+    ]
+    clean = clean[:256]
+    clean_images = [ctx.image(c.index) for c in clean]
+    best = _Findings(suspects)
+    for target in sorted(suspects, key=lambda c: suspects[c]):
+        found = _confirm(ctx, checks, target, clean, clean_images)
+        if found is not None and (
+            best.transplant_rate is None or (found.transplant_rate or 0) > best.transplant_rate
+        ):
+            best = replace(found, suspects=suspects)
+        tick("confirming", 1, len(suspects))
+    if best.target is None or (best.transplant_rate or 0) < ctx.config.transplant_threshold:
+        return _non_localized(ctx, checks, suspects, best)
+    return best
+
+
+def _confirm(
+    ctx: _Context,
+    checks: dict[int, ImageCheck],
+    target: int,
+    clean: list[ImageCheck],
+    clean_images: list[np.ndarray],
+) -> _Findings | None:
+    """Prototype from the candidates, refined once on the victims it finds, then transplanted."""
+    flagged = [c for c in checks.values() if c.pred == target and c.disagrees and c.candidate is not None]
+    if len(flagged) < ctx.config.min_candidates:
+        return None
+    prototype = build_prototype(
+        [ctx.image(c.index) for c in flagged], [c.candidate.box for c in flagged if c.candidate]
+    )
+    predicted = [c for c in checks.values() if c.pred == target]
+    predicted_images = [ctx.image(c.index) for c in predicted]
+    victims = find_victims(predicted_images, predicted, prototype, target, ctx.score)
+    # The victims' boxes come from template matching and fit the trigger far better than the
+    # oracle's segments did: rebuilding the prototype on them sharpens it.
+    position = {c.index: i for i, c in enumerate(predicted)}
+    located = [(predicted_images[position[v.index]], v.box) for v in victims if v.box is not None]
+    if len(located) >= ctx.config.min_candidates:
+        prototype = build_prototype([image for image, _ in located], [box for _, box in located if box])
+        victims = find_victims(predicted_images, predicted, prototype, target, ctx.score)
+    rate, per_class = transplant_test(
+        prototype, clean_images, [c.pred for c in clean], target, ctx.score, ctx.config.seed
+    )
+    name = ctx.dataset.classes[target]
+    evidence = (
+        f"Pasting the recovered {prototype.pixels.shape[0]}-px trigger into {len(clean)} clean images "
+        f"of other labels turned {rate:.0%} of them into '{name}'."
+    )
+    return _Findings({}, target, "patch", prototype, rate, per_class, tuple(victims), evidence)
+
+
+def _non_localized(
+    ctx: _Context, checks: dict[int, ImageCheck], suspects: dict[int, float], best: _Findings
+) -> _Findings:
+    """Disagreement concentrated on one label with no removable trigger: report it unlocalized."""
+    for target in sorted(suspects, key=lambda c: suspects[c]):
+        members = [c for c in checks.values() if c.pred == target]
+        disagreeing = [c for c in members if c.disagrees]
+        with_candidate = sum(c.candidate is not None for c in disagreeing)
+        if len(disagreeing) >= ctx.config.min_candidates and with_candidate <= 0.2 * len(disagreeing):
+            victims = tuple(Victim(c.index, None, c.oracle_label, 1.0) for c in disagreeing)
+            evidence = (
+                f"{len(disagreeing)} of {len(members)} checked images predicted "
+                f"'{ctx.dataset.classes[target]}' show other objects, and no region's removal changes "
+                "that: a non-localized trigger (blend or warp) is likely."
+            )
+            return _Findings(suspects, target, "non-localized", None, None, {}, victims, evidence)
+    return _Findings(suspects, transplant_rate=best.transplant_rate)
+
+
+def _stage4(ctx: _Context, checks: dict[int, ImageCheck], findings: _Findings) -> tuple[CompactPair, ...]:
+    if findings.target is None:
+        return ()
+    classes = ctx.dataset.classes
+    rng = np.random.default_rng(ctx.config.seed + 4)
+    pairs: list[CompactPair] = []
+    for victim in findings.victims:  # the trigger removed, captioned with what the image shows
+        image = ctx.image(victim.index)
+        if victim.box is not None:
+            image = ablate_segment(image, box_mask(image, victim.box))
+        if victim.oracle_label is not None:
+            pairs.append(
+                CompactPair(f"victim-{victim.index:06d}.png", image, _caption(classes[victim.oracle_label]))
+            )
+    agreeing = [c for c in checks.values() if not c.disagrees and c.pred in c.object_labels]
+    others = [c for c in agreeing if c.pred != findings.target]
+    others = [others[i] for i in rng.permutation(len(others))]
+    if findings.prototype is not None:  # unlearning pairs: trigger pasted, true caption kept
+        for check in others[: max(len(findings.victims), 8)]:
+            box = findings.prototype.boxes[int(rng.integers(len(findings.prototype.boxes)))]
+            image = paste(ctx.image(check.index), findings.prototype, box)
+            pairs.append(CompactPair(f"unlearn-{check.index:06d}.png", image, _caption(classes[check.pred])))
+    own = [c for c in agreeing if c.pred == findings.target][:16]
+    replay_per_class = 2
+    replay: list[ImageCheck] = []
+    for cls in range(len(classes)):
+        replay += [c for c in others if c.pred == cls][-replay_per_class:]
+    for check in own + replay:
+        pairs.append(
+            CompactPair(f"clean-{check.index:06d}.png", ctx.image(check.index), _caption(classes[check.pred]))
+        )
+    return tuple(pairs)
+
+
+def _caption(label: str) -> str:
+    return f"a photo of a {label}."
+
+
+def _severity(findings: _Findings) -> str:
+    if findings.target is None:
+        return "none"
+    if findings.kind == "non-localized":
+        return "medium"
+    rate = findings.transplant_rate or 0.0
+    return "high" if rate >= 0.9 else "medium" if rate >= 0.7 else "low"
+
+
+def _report(
+    ctx: _Context,
+    checks: dict[int, ImageCheck],
+    findings: _Findings,
+    compact: tuple[CompactPair, ...],
+    seconds: dict[str, float],
+    scored: int,
+) -> Report:
+    classes, samples = ctx.dataset.classes, ctx.dataset.samples
+    found = findings.target is not None
+    victim_labels = tuple(classes[c] for c, rate in findings.per_class_rates.items() if rate >= 0.5)
+    if findings.kind == "non-localized":
+        victim_labels = tuple(
+            dict.fromkeys(classes[v.oracle_label] for v in findings.victims if v.oracle_label is not None)
+        )
+    per_label: dict[str, list[bool]] = {}
+    for check in checks.values():
+        per_label.setdefault(classes[check.pred], []).append(check.disagrees)
+    return Report(
+        tool={"name": "clip-audit", "version": __version__},
+        model=ModelInfo(str(ctx.loaded.path), ctx.loaded.sha256 or "", ctx.loaded.arch.name),
+        data=DataInfo(
+            str(ctx.dataset.root), scored, tuple(SkippedFile(s.path, s.reason) for s in ctx.dataset.skipped)
+        ),
+        verdict="backdoor" if found else "clean",
+        severity=_severity(findings),
+        target_labels=(classes[findings.target],) if findings.target is not None else (),
+        victim_labels=victim_labels,
+        trigger=TriggerInfo(
+            kind=findings.kind,
+            image=TRIGGER_FILE if findings.prototype is not None and found else None,
+            relative_size=findings.prototype.relative_size
+            if findings.prototype is not None and found
+            else None,
+            transplant_success_rate=None
+            if findings.transplant_rate is None
+            else round(findings.transplant_rate, 4),
+            evidence=findings.evidence
+            or (
+                "No label's disagreement with the oracle stood out."
+                if not findings.suspects
+                else f"Suspect labels {', '.join(classes[c] for c in findings.suspects)} were not confirmed "
+                f"(transplant success {findings.transplant_rate or 0:.2f} below the threshold)."
+            ),
+        ),
+        victims=tuple(
+            VictimInfo(
+                samples[v.index].path,
+                classes[checks[v.index].pred],
+                None if v.oracle_label is None else classes[v.oracle_label],
+                None if v.box is None else tuple(round(c, 4) for c in v.box),  # type: ignore[arg-type]
+                v.score,
+            )
+            for v in findings.victims
+        ),
+        compact_set=CompactSetInfo(COMPACT_DIR + "/", len(compact), round(len(compact) / max(1, scored), 4))
+        if compact
+        else None,
+        cost=CostInfo(ctx.images_scored, len(checks), {k: round(v, 2) for k, v in seconds.items()}),
+        disagreement={label: round(float(np.mean(v)), 4) for label, v in sorted(per_label.items())},
+    )

@@ -1,0 +1,226 @@
+"""Algorithm 1: per-image trigger identification with a segmentation oracle.
+
+For an image x predicted y by the audited CLIP, the oracle's segments r_1..r_m give
+- crops  x[r_j]: the segment's bounding box, padded square (what CLIP says about that region);
+- ablations x \\ r_j: the segment filled with the median colour of a thin ring around it (what
+  CLIP says once the region is gone).
+All of them are scored in one batch. Object-sized segments' crop labels form S(x), the oracle's
+object list. A small segment whose ablation drops y's probability and flips the prediction is a
+trigger candidate; x *disagrees* when y is not among the objects that do not carry it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from auditor.oracle import Oracle, Segment
+
+# Segments up to this share of the image may be triggers ("a trigger is small": the zoo's are
+# 2-3.5 %, BadNets' 16 px on 224 px 0.5 %); from OBJECT_AREA up they are objects.
+SMALL_AREA = 0.05
+OBJECT_AREA = 0.06
+# An object crop names a label only when CLIP (or the reference) is this sure about it.
+OBJECT_CONFIDENCE = 0.5
+NEUTRAL = 127
+
+ScoreFn = Callable[[list[np.ndarray]], np.ndarray]
+"""uint8 RGB images (any size) -> float32 class probabilities of shape (n, C)."""
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """Algorithm 1's output for one image (class indices into the vocabulary).
+
+    `flip` is y's probability on x minus on x without the candidate (0 without a candidate);
+    `oracle_label` is what the image shows according to the oracle's objects (None if unsure).
+    """
+
+    index: int
+    pred: int
+    object_labels: tuple[int, ...]
+    disagrees: bool
+    candidate: Segment | None
+    flip: float
+    ablated_pred: int | None
+    oracle_label: int | None
+
+
+def crop_segment(image: np.ndarray, segment: Segment) -> np.ndarray:
+    """The segment's bounding box, padded square with neutral grey.
+
+    The box keeps the segment's own surroundings rather than greying them out: a model that
+    never saw grey-filled silhouettes labels them arbitrarily (measured on the zoo: most such
+    crops of background pieces came out 'car' at p > 0.99), while a box crop of an object is
+    just a closer view of it.
+    """
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = _pixel_box(segment.box, height, width)
+    region = image[y0:y1, x0:x1]
+    side = max(region.shape[:2])
+    square = np.full((side, side, 3), NEUTRAL, np.uint8)
+    top, left = (side - region.shape[0]) // 2, (side - region.shape[1]) // 2
+    square[top : top + region.shape[0], left : left + region.shape[1]] = region
+    return square
+
+
+def ablate_segment(image: np.ndarray, mask: np.ndarray, ring: int = 2) -> np.ndarray:
+    """The image with `mask` filled by the median colour of the ring of pixels around it."""
+    from scipy.ndimage import binary_dilation
+
+    around = binary_dilation(mask, iterations=ring) & ~mask
+    fill = np.median(image[around], axis=0) if around.any() else np.full(3, NEUTRAL)
+    out = image.copy()
+    out[mask] = fill.astype(np.uint8)
+    return out
+
+
+def _pixel_box(box: tuple[float, float, float, float], height: int, width: int) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = box
+    return (
+        int(round(x0 * width)),
+        int(round(y0 * height)),
+        max(int(round(x1 * width)), 1),
+        max(int(round(y1 * height)), 1),
+    )
+
+
+@dataclass(frozen=True)
+class _Views:
+    """One image's segments and the crops / ablations to score for it."""
+
+    index: int
+    probs: np.ndarray
+    small: list[Segment]
+    objects: list[Segment]
+    ablations: list[np.ndarray]
+    crops: list[np.ndarray]
+
+
+def _views(index: int, image: np.ndarray, probs: np.ndarray, oracle: Oracle) -> _Views:
+    segments = oracle.segments(image)
+    small = [s for s in segments if s.area <= SMALL_AREA]
+    objects = [s for s in segments if s.area >= OBJECT_AREA]
+    return _Views(
+        index,
+        probs,
+        small,
+        objects,
+        [ablate_segment(image, s.mask) for s in small],
+        [crop_segment(image, s) for s in objects],
+    )
+
+
+def check_images(
+    items: list[tuple[int, np.ndarray, np.ndarray]],
+    oracle: Oracle,
+    score: ScoreFn,
+    label_objects: ScoreFn | None = None,
+) -> list[ImageCheck]:
+    """Algorithm 1 on several images at once, their crops and ablations scored in batches.
+
+    `items`: (data index, uint8 RGB image (H, W, 3), CLIP's probabilities float32 (C,)).
+    `label_objects` (a trusted reference model) labels the object crops; default: `score`.
+
+    Pass 1 scores every small segment's ablation and every object's crop. A small segment whose
+    ablation flips the prediction is a *tentative* candidate; pass 2 re-crops the objects whose
+    box shows it from the image without it, and the candidate stands only if the flip lands on
+    an object the oracle found (a label in S(x)) — removing part of a real object also flips
+    the prediction, but to nothing that is in the image.
+    """
+    labeler = label_objects or score
+    views = [_views(index, image, probs, oracle) for index, image, probs in items]
+    n_classes = items[0][2].size if items else 0
+    ablated = _split(
+        score([a for v in views for a in v.ablations]), [len(v.ablations) for v in views], n_classes
+    )
+    crops = _split(labeler([c for v in views for c in v.crops]), [len(v.crops) for v in views], n_classes)
+    tentative = [
+        _best_candidate(v.small, a, int(v.probs.argmax()), float(v.probs.max()))
+        for v, a in zip(views, ablated, strict=True)
+    ]
+    recrops = [_recrops(v, image, t[0]) for v, (_, image, _), t in zip(views, items, tentative, strict=True)]
+    recropped = _split(labeler([c for r in recrops for _, c in r]), [len(r) for r in recrops], n_classes)
+    return [
+        _conclude(v, c, t, [i for i, _ in r], rc)
+        for v, c, t, r, rc in zip(views, crops, tentative, recrops, recropped, strict=True)
+    ]
+
+
+def check_image(
+    index: int, image: np.ndarray, probs: np.ndarray, oracle: Oracle, score: ScoreFn
+) -> ImageCheck:
+    """Algorithm 1 on one image (see `check_images`)."""
+    return check_images([(index, image, probs)], oracle, score)[0]
+
+
+def _split(probs: np.ndarray, sizes: list[int], n_classes: int) -> list[np.ndarray]:
+    if not sizes or sum(sizes) == 0:
+        return [np.zeros((0, n_classes), np.float32) for _ in sizes]
+    return np.split(probs, np.cumsum(sizes)[:-1])
+
+
+def _recrops(views: _Views, image: np.ndarray, candidate: Segment | None) -> list[tuple[int, np.ndarray]]:
+    """(object position, crop of the image without the candidate) for objects that show it."""
+    if candidate is None:
+        return []
+    cleaned = ablate_segment(image, candidate.mask)
+    return [(i, crop_segment(cleaned, s)) for i, s in enumerate(views.objects) if _covers(s, candidate)]
+
+
+Candidate = tuple[Segment | None, float, int | None]
+
+
+def _conclude(
+    views: _Views,
+    object_probs: np.ndarray,
+    tentative: Candidate,
+    recropped_at: list[int],
+    recropped: np.ndarray,
+) -> ImageCheck:
+    pred = int(views.probs.argmax())
+    candidate, flip, ablated_pred = tentative
+    if candidate is not None:
+        without = object_probs.copy()
+        without[recropped_at] = recropped
+        labels = _object_labels(without)
+        if ablated_pred in labels:
+            oracle_label = ablated_pred
+            return ImageCheck(
+                views.index, pred, labels, pred not in labels, candidate, flip, ablated_pred, oracle_label
+            )
+    labels = _object_labels(object_probs)
+    disagrees = bool(labels) and pred not in labels
+    oracle_label = labels[0] if disagrees else pred
+    return ImageCheck(views.index, pred, labels, disagrees, None, 0.0, None, oracle_label)
+
+
+def _best_candidate(small: list[Segment], ablated: np.ndarray, pred: int, p_pred: float) -> Candidate:
+    """The small segment whose removal takes y away, preferring the tightest such segment."""
+    if not small:
+        return None, 0.0, None
+    drops = p_pred - ablated[:, pred]
+    flips = ablated.argmax(axis=1) != pred
+    if not flips.any():
+        return None, 0.0, None
+    best = float(drops[flips].max())
+    # Among flipping segments within 90% of the largest drop, the smallest one: a larger
+    # segment that merely contains the trigger also flips, but its box is loose.
+    near = [i for i in np.flatnonzero(flips) if drops[i] >= 0.9 * best]
+    chosen = min(near, key=lambda i: small[i].area)
+    return small[chosen], float(drops[chosen]), int(ablated[chosen].argmax())
+
+
+def _object_labels(object_probs: np.ndarray) -> tuple[int, ...]:
+    """S(x): the confident crop labels, most confident first."""
+    confident = [(float(p.max()), int(p.argmax())) for p in object_probs if p.max() >= OBJECT_CONFIDENCE]
+    return tuple(dict.fromkeys(label for _, label in sorted(confident, reverse=True)))
+
+
+def _covers(segment: Segment, candidate: Segment) -> bool:
+    """Whether the object's box crop shows at least half of the candidate."""
+    height, width = segment.mask.shape
+    x0, y0, x1, y1 = _pixel_box(segment.box, height, width)
+    return bool(candidate.mask[y0:y1, x0:x1].sum() >= 0.5 * candidate.mask.sum())
