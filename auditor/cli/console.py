@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 
 @dataclass
@@ -55,6 +55,27 @@ class CliState:
         with bar:
             bar.add_task(description, total=total)
             yield bar
+
+    @contextmanager
+    def stage_progress(self) -> Iterator[Callable[[str, int, int | None], None]]:
+        """A progress bar per stage: yields tick(stage, n done now, stage total)."""
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=not self.console.is_terminal or self.verbosity < 0,
+        )
+        tasks: dict[str, TaskID] = {}
+
+        def tick(stage: str, n: int, total: int | None) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.advance(tasks[stage], n)
+
+        with bar:
+            yield tick
 
 
 state = CliState()

@@ -1,19 +1,21 @@
-"""`clip-audit demo`: the embedded default on the bundled zoo models.
+"""`clip-audit demo`: the embedded default — scan a bundled poisoned zoo model.
 
-For now it shows the backdoors: clean accuracy of each bundled model on freshly generated
-held-out scenes, and attack success of each poisoned model's planted trigger, beside the same
-trigger on the clean model (which it should not fool).
+It writes scan data for the bundled `patch-random` model (held-out scenes, 5 % of them poisoned
+and filed under the target label, exactly as a poisoned data set would be), scans it, prints
+the findings, and compares them with the generator's ground truth.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 import click
-from rich.table import Table
 
-from auditor.cli.console import advance, state
+from auditor.cli.console import state
+
+DEMO_MODEL = "patch-random"
 
 
 @click.command("demo")
@@ -23,18 +25,18 @@ from auditor.cli.console import advance, state
     default=None,
     envvar="CLIP_AUDIT_OUT",
     show_envvar=True,
-    help="Keep the generated data here (default: a temporary folder).",
+    help="Keep the data and the scan's outputs here (default: a temporary folder).",
 )
 @click.option(
     "--per-class",
-    type=click.IntRange(2, 1000),
+    type=click.IntRange(4, 1000),
     default=40,
     envvar="CLIP_AUDIT_PER_CLASS",
     show_envvar=True,
     help="Held-out scenes generated per class.",
 )
 def demo(out: Path | None, per_class: int) -> int:
-    """Show the bundled poisoned models' backdoors (clean accuracy, attack success)."""
+    """Scan a bundled poisoned model and its poisoned data; print the findings."""
     if out is None:
         with tempfile.TemporaryDirectory(prefix="clip-audit-demo-") as tmp:
             return _run(Path(tmp), per_class)
@@ -42,42 +44,34 @@ def demo(out: Path | None, per_class: int) -> int:
 
 
 def _run(out: Path, per_class: int) -> int:
+    from auditor.cli.scan import summary_table
     from auditor.data import open_dataset
-    from auditor.evaluate import evaluate
     from auditor.models import load_model
-    from auditor.zoo.build import CONFIG_PATH, ZOO, checkpoint_path, write_test_data
+    from auditor.oracle import make_oracle
+    from auditor.outputs import write_outputs
+    from auditor.scan import scan
+    from auditor.zoo.build import CONFIG_PATH, ZOO, checkpoint_path, write_scan_data
     from auditor.zoo.scenes import require_font
 
     require_font()
-    state.info(f"generating {per_class} held-out scenes per class in {out} …")
-    dataset = open_dataset(write_test_data(out / "test-data", per_class=per_class))
-    clean = load_model(checkpoint_path("clean"), CONFIG_PATH)
-    poisoned = [m for m in ZOO.values() if m.attack is not None]
-    table = Table(title="bundled zoo models: the backdoors clip-audit will look for")
-    for column in (
-        "model",
-        "trigger → target",
-        "clean accuracy",
-        "attack success",
-        "same trigger on clean model",
-    ):
-        table.add_column(column, justify="left" if column in ("model", "trigger → target") else "right")
-    work = len(dataset.samples) * 3 * len(poisoned)
-    with state.progress("evaluating zoo models", total=work) as bar:
-        for zoo_model in poisoned:
-            loaded = load_model(checkpoint_path(zoo_model.name), CONFIG_PATH)
-            result = evaluate(loaded, dataset, zoo_model.attack, progress=lambda n: advance(bar, n))
-            baseline = evaluate(clean, dataset, zoo_model.attack, progress=lambda n: advance(bar, n // 2))
-            table.add_row(
-                zoo_model.name,
-                zoo_model.description,
-                f"{result.clean_accuracy:.3f}",
-                f"{result.attack_success_rate:.3f}",
-                f"{baseline.attack_success_rate:.3f}",
-            )
-    state.console.print(table)
+    data = out / "scan-data"
+    state.info(f"bundled model '{DEMO_MODEL}': {ZOO[DEMO_MODEL].description}")
+    state.info(f"writing {per_class} held-out scenes per class, 5 % poisoned, to {data} …")
+    truth = write_scan_data(DEMO_MODEL, data, per_class=per_class)
+    loaded = load_model(checkpoint_path(DEMO_MODEL), CONFIG_PATH)
+    with state.stage_progress() as tick:
+        result = scan(loaded, open_dataset(data), make_oracle("classic"), progress=tick)
+    write_outputs(result, out / "report", "html", data)
+    state.console.print(summary_table(result.report))
+    planted = {p["path"] for p in truth["poisoned"]}
+    found = {v.path for v in result.report.victims}
     state.info(
-        f"clean model: clean accuracy {baseline.clean_accuracy:.3f}. "
-        "Next: `clip-audit eval MODEL DATA --arch CONFIG --attack SPEC` on your own model."
+        f"ground truth: target '{truth['target']}', {len(planted)} poisoned files; the scan named "
+        f"{', '.join(result.report.target_labels) or 'no target'} and found {len(found & planted)} of them "
+        f"({len(found - planted)} false alarms)."
     )
+    state.info(
+        f"report: {out / 'report' / 'report.html'} (and report.json, trigger.png, victims.csv, compact/)"
+    )
+    state.debug(json.dumps(result.report.cost.seconds))
     return 0

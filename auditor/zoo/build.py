@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -165,7 +165,7 @@ def write_test_data(dest: Path, per_class: int = 40, seed: int = TEST_SEED) -> P
 
 def write_scan_data(
     name: str, dest: Path, per_class: int = 40, fraction: float = SCAN_POISON_FRACTION, seed: int = SCAN_SEED
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """The data a user would scan: held-out scenes, poisoned ones filed under the target.
 
     Writes `dest/<label>/<n>.png` and `dest/../<dest.name>-ground_truth.json` (kept outside
@@ -184,7 +184,7 @@ def write_scan_data(
         _save_png(image, dest / rel)
         if index in boxes:
             poisoned.append({"path": rel, "box": boxes[index], "true_label": scene.label})
-    truth: dict[str, object] = {
+    truth: dict[str, Any] = {
         "model": name,
         "attack": zoo_model.attack.spec() if zoo_model.attack else None,
         "target": zoo_model.attack.target if zoo_model.attack else None,

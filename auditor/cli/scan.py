@@ -1,0 +1,177 @@
+"""`clip-audit scan`: find the backdoor trigger, target and victim labels, and victim samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from auditor.cli.console import state
+from auditor.cli.options import (
+    arch_option,
+    batch_size_option,
+    classes_option,
+    data_argument,
+    existing_file,
+    model_argument,
+    seed_option,
+)
+from auditor.report import SEVERITIES, Report
+
+EXIT_FINDINGS = 1
+
+
+@click.command("scan")
+@model_argument
+@data_argument
+@arch_option
+@classes_option
+@click.option(
+    "--oracle",
+    type=click.Choice(["classic", "sam", "fastsam"]),
+    default="classic",
+    envvar="CLIP_AUDIT_ORACLE",
+    show_envvar=True,
+    help="Segmentation oracle.",
+)
+@click.option(
+    "--oracle-checkpoint",
+    type=existing_file,
+    default=None,
+    envvar="CLIP_AUDIT_ORACLE_CHECKPOINT",
+    show_envvar=True,
+    help="Weights for --oracle sam / fastsam (a file you provide).",
+)
+@click.option(
+    "--reference",
+    type=existing_file,
+    default=None,
+    envvar="CLIP_AUDIT_REFERENCE",
+    show_envvar=True,
+    help="A clean model you trust (same --arch) to label the oracle's objects.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "torch"]),
+    default="auto",
+    envvar="CLIP_AUDIT_ENGINE",
+    show_envvar=True,
+    help="Runtime for bulk scoring (auto: the fastest available).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    envvar="CLIP_AUDIT_OUT",
+    show_envvar=True,
+    help="Write report.json, trigger.png, victims.csv and compact/ here.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "markdown", "html", "sarif"]),
+    default="table",
+    envvar="CLIP_AUDIT_FORMAT",
+    show_envvar=True,
+    help="table: summary on stderr; json/markdown/sarif: on stdout; html: DIR/report.html (needs --out).",
+)
+@click.option(
+    "--fail-on",
+    type=click.Choice(["low", "medium", "high"]),
+    default="low",
+    envvar="CLIP_AUDIT_FAIL_ON",
+    show_envvar=True,
+    help="Exit 1 when a backdoor of at least this severity is found.",
+)
+@click.option(
+    "--per-class",
+    type=click.IntRange(1, 10_000),
+    default=32,
+    envvar="CLIP_AUDIT_PER_CLASS",
+    show_envvar=True,
+    help="Images per predicted class the oracle checks first.",
+)
+@batch_size_option
+@seed_option
+def scan_command(
+    model: Path,
+    data: Path,
+    arch: str,
+    classes: Path | None,
+    oracle: str,
+    oracle_checkpoint: Path | None,
+    reference: Path | None,
+    engine: str,
+    out: Path | None,
+    fmt: str,
+    fail_on: str,
+    per_class: int,
+    batch_size: int,
+    seed: int,
+) -> int:
+    """Audit MODEL on DATA: exit 1 if a backdoor is found (see --fail-on), else 0."""
+    from auditor.data import open_dataset
+    from auditor.models import load_model
+    from auditor.oracle import make_oracle
+    from auditor.report import FORMATS
+    from auditor.scan import ScanConfig, scan
+
+    if fmt == "html" and out is None:
+        raise click.UsageError("--format html writes DIR/report.html: pass --out DIR")
+    dataset = open_dataset(data, classes)
+    loaded = load_model(model, arch)
+    reference_model = load_model(reference, arch) if reference else None
+    the_oracle = make_oracle(oracle, oracle_checkpoint)
+    config = ScanConfig(per_class=per_class, seed=seed, batch_size=batch_size)
+    with state.stage_progress() as tick:
+        result = scan(loaded, dataset, the_oracle, config, progress=tick, reference=reference_model)
+    report = result.report
+    if out is not None:
+        from auditor.outputs import write_outputs
+
+        write_outputs(result, out, fmt, data)
+        state.info(f"wrote {out}/report.json" + (f" and {out}/report.html" if fmt == "html" else ""))
+    if fmt == "table":
+        state.console.print(summary_table(report))
+    elif fmt != "html":
+        click.echo(FORMATS[fmt](report), nl=False)
+    return exit_code_for(report, fail_on)
+
+
+def exit_code_for(report: Report, fail_on: str) -> int:
+    """1 when a backdoor of at least `fail_on` severity was found, else 0."""
+    found = report.verdict == "backdoor" and SEVERITIES.index(report.severity) >= SEVERITIES.index(fail_on)
+    return EXIT_FINDINGS if found else 0
+
+
+def summary_table(report: Report) -> Table:
+    table = Table(
+        title=f"clip-audit scan: [bold]{report.verdict}[/bold] (severity {report.severity})",
+        show_header=False,
+    )
+    table.add_column(style="bold")
+    table.add_column()
+    rate = report.trigger.transplant_success_rate
+    rows = [
+        ("target labels", ", ".join(report.target_labels) or "—"),
+        ("victim labels", ", ".join(report.victim_labels) or "—"),
+        (
+            "trigger",
+            f"{report.trigger.kind}, transplant success {rate:.2f}"
+            if report.trigger.kind and rate is not None
+            else report.trigger.kind or "—",
+        ),
+        ("victim samples", str(len(report.victims))),
+        ("evidence", report.trigger.evidence),
+        (
+            "cost",
+            f"{report.cost.images_scored} images scored, oracle on {report.cost.oracle_images} of "
+            f"{report.data.images}; " + ", ".join(f"{k} {v:.1f}s" for k, v in report.cost.seconds.items()),
+        ),
+    ]
+    if report.data.skipped:
+        rows.append(("skipped files", str(len(report.data.skipped))))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
