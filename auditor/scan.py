@@ -38,6 +38,8 @@ from auditor.victims import (
     box_mask,
     build_prototype,
     find_victims,
+    overlay_pattern,
+    overlay_transplant_test,
     paste,
     suspect_classes,
     transplant_test,
@@ -239,7 +241,7 @@ def _stage3(ctx: _Context, checks: dict[int, ImageCheck], indices: np.ndarray, t
             best = replace(found, suspects=suspects)
         tick("confirming", 1, len(suspects))
     if best.target is None or (best.transplant_rate or 0) < ctx.config.transplant_threshold:
-        return _non_localized(ctx, checks, suspects, best)
+        return _non_localized(ctx, checks, suspects, best, clean, clean_images)
     return best
 
 
@@ -279,21 +281,38 @@ def _confirm(
 
 
 def _non_localized(
-    ctx: _Context, checks: dict[int, ImageCheck], suspects: dict[int, float], best: _Findings
+    ctx: _Context,
+    checks: dict[int, ImageCheck],
+    suspects: dict[int, float],
+    best: _Findings,
+    clean: list[ImageCheck],
+    clean_images: list[np.ndarray],
 ) -> _Findings:
-    """Disagreement concentrated on one label with no removable trigger: report it unlocalized."""
+    """Disagreement concentrated on a label, no removable region: test an overlay trigger.
+
+    The overlay is estimated from the disagreeing images (`overlay_pattern`) and confirmed like
+    a patch: added to clean images of other labels, it must turn them into the target.
+    """
     for target in sorted(suspects, key=lambda c: suspects[c]):
         members = [c for c in checks.values() if c.pred == target]
-        disagreeing = [c for c in members if c.disagrees]
-        with_candidate = sum(c.candidate is not None for c in disagreeing)
-        if len(disagreeing) >= ctx.config.min_candidates and with_candidate <= 0.2 * len(disagreeing):
-            victims = tuple(Victim(c.index, None, c.oracle_label, 1.0) for c in disagreeing)
-            evidence = (
-                f"{len(disagreeing)} of {len(members)} checked images predicted "
-                f"'{ctx.dataset.classes[target]}' show other objects, and no region's removal changes "
-                "that: a non-localized trigger (blend or warp) is likely."
-            )
-            return _Findings(suspects, target, "non-localized", None, None, {}, victims, evidence)
+        disagreeing = [c for c in members if c.disagrees and c.candidate is None]
+        if len(disagreeing) < ctx.config.min_candidates:
+            continue
+        pattern = overlay_pattern([ctx.image(c.index) for c in disagreeing])
+        rate, per_class = overlay_transplant_test(
+            pattern, clean_images, [c.pred for c in clean], target, ctx.score
+        )
+        if rate < ctx.config.transplant_threshold:
+            continue
+        victims = tuple(Victim(c.index, None, c.oracle_label, 1.0) for c in disagreeing)
+        evidence = (
+            f"{len(disagreeing)} of {len(members)} checked images predicted '{ctx.dataset.classes[target]}' "
+            "show other objects and no region's removal changes that; their shared overlay, added to "
+            f"{len(clean)} "
+            f"clean images of other labels, turned {rate:.0%} of them into '{ctx.dataset.classes[target]}': "
+            "a non-localized trigger (blend or warp)."
+        )
+        return _Findings(suspects, target, "non-localized", None, rate, per_class, victims, evidence)
     return _Findings(suspects, transplant_rate=best.transplant_rate)
 
 
@@ -338,8 +357,6 @@ def _caption(label: str) -> str:
 def _severity(findings: _Findings) -> str:
     if findings.target is None:
         return "none"
-    if findings.kind == "non-localized":
-        return "medium"
     rate = findings.transplant_rate or 0.0
     return "high" if rate >= 0.9 else "medium" if rate >= 0.7 else "low"
 

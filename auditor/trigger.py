@@ -99,6 +99,17 @@ class _Views:
     crops: list[np.ndarray]
 
 
+def denoise(image: np.ndarray) -> np.ndarray:
+    """A 3x3 median filter per channel: keeps objects, removes pixel-level overlays.
+
+    Object crops are taken from this view so that S(x) describes objects rather than textures:
+    a blended trigger (noise mixed into every pixel) would otherwise ride along into every crop.
+    """
+    from scipy.ndimage import median_filter
+
+    return np.asarray(median_filter(image, size=(3, 3, 1)), dtype=np.uint8)
+
+
 def _views(index: int, image: np.ndarray, probs: np.ndarray, oracle: Oracle) -> _Views:
     segments = oracle.segments(image)
     small = [s for s in segments if s.area <= SMALL_AREA]
@@ -109,7 +120,7 @@ def _views(index: int, image: np.ndarray, probs: np.ndarray, oracle: Oracle) -> 
         small,
         objects,
         [ablate_segment(image, s.mask) for s in small],
-        [crop_segment(image, s) for s in objects],
+        [crop_segment(denoise(image), s) for s in objects],
     )
 
 
@@ -166,7 +177,7 @@ def _recrops(views: _Views, image: np.ndarray, candidate: Segment | None) -> lis
     """(object position, crop of the image without the candidate) for objects that show it."""
     if candidate is None:
         return []
-    cleaned = ablate_segment(image, candidate.mask)
+    cleaned = denoise(ablate_segment(image, candidate.mask))
     return [(i, crop_segment(cleaned, s)) for i, s in enumerate(views.objects) if _covers(s, candidate)]
 
 

@@ -108,6 +108,40 @@ def transplant_test(
     return float(hits.mean()), {c: float(np.mean(v)) for c, v in sorted(per_class.items())}
 
 
+def overlay_pattern(images: Sequence[np.ndarray]) -> np.ndarray:
+    """A non-localized trigger's estimate: the median residual x - denoise(x), float32 (H, W, 3).
+
+    Image content differs from image to image while a blended overlay is the same everywhere,
+    so the per-pixel median of the residuals keeps the overlay's fine structure.
+    """
+    from auditor.trigger import denoise
+
+    height, width = images[0].shape[:2]
+    residuals = [
+        image.astype(np.float32) - denoise(image).astype(np.float32)
+        for image in images
+        if image.shape[:2] == (height, width)
+    ]
+    return np.median(np.stack(residuals), axis=0).astype(np.float32)
+
+
+def overlay_transplant_test(
+    pattern: np.ndarray, clean: Sequence[np.ndarray], clean_labels: Sequence[int], target: int, score: ScoreFn
+) -> tuple[float, dict[int, float]]:
+    """Like `transplant_test`, adding the overlay estimate to clean images of other labels."""
+    chosen = [
+        i for i, label in enumerate(clean_labels) if label != target and clean[i].shape == pattern.shape
+    ]
+    if not chosen:
+        return 0.0, {}
+    overlaid = [np.clip(clean[i].astype(np.float32) + pattern, 0, 255).astype(np.uint8) for i in chosen]
+    hits = score(overlaid).argmax(axis=1) == target
+    per_class: dict[int, list[bool]] = {}
+    for i, hit in zip(chosen, hits, strict=True):
+        per_class.setdefault(clean_labels[i], []).append(bool(hit))
+    return float(hits.mean()), {c: float(np.mean(v)) for c, v in sorted(per_class.items())}
+
+
 @dataclass(frozen=True)
 class Victim:
     """An image judged poisoned: index into the data, trigger box (normalized) and score."""
