@@ -44,6 +44,14 @@ EXIT_FINDINGS = 1
     help="Weights for --oracle sam / fastsam (a file you provide).",
 )
 @click.option(
+    "--oracle-points",
+    type=click.IntRange(1, 64),
+    default=16,
+    envvar="CLIP_AUDIT_ORACLE_POINTS",
+    show_envvar=True,
+    help="--oracle sam: prompt points per image side.",
+)
+@click.option(
     "--reference",
     type=existing_file,
     default=None,
@@ -101,6 +109,7 @@ def scan_command(
     classes: Path | None,
     oracle: str,
     oracle_checkpoint: Path | None,
+    oracle_points: int,
     reference: Path | None,
     engine: str,
     out: Path | None,
@@ -122,7 +131,7 @@ def scan_command(
     dataset = open_dataset(data, classes)
     loaded = load_model(model, arch)
     reference_model = load_model(reference, arch) if reference else None
-    the_oracle = make_oracle(oracle, oracle_checkpoint)
+    the_oracle = make_oracle(oracle, oracle_checkpoint, oracle_points)
     config = ScanConfig(per_class=per_class, seed=seed, batch_size=batch_size)
     with state.stage_progress() as tick:
         result = scan(loaded, dataset, the_oracle, config, progress=tick, reference=reference_model)

@@ -66,8 +66,11 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
-def make_oracle(kind: str, checkpoint: Path | None = None) -> Oracle:
-    """The oracle named by `--oracle` (classic needs no checkpoint; sam and fastsam do)."""
+def make_oracle(kind: str, checkpoint: Path | None = None, points_per_side: int = 16) -> Oracle:
+    """The oracle named by `--oracle` (classic needs no checkpoint; sam and fastsam do).
+
+    `points_per_side`: SAM's prompt grid (its cost grows with the square of it).
+    """
     if kind == "classic":
         from auditor.oracle.classic import ClassicOracle
 
@@ -77,7 +80,7 @@ def make_oracle(kind: str, checkpoint: Path | None = None) -> Oracle:
     if kind == "sam":
         from auditor.oracle.sam import SamOracle
 
-        return SamOracle(checkpoint)
+        return SamOracle(checkpoint, points_per_side)
     if kind == "fastsam":
         from auditor.oracle.fastsam import FastSamOracle
 

@@ -183,7 +183,8 @@ def write_scan_data(
         rel = f"{folder}/{index:05d}.png"
         _save_png(image, dest / rel)
         if index in boxes:
-            poisoned.append({"path": rel, "box": boxes[index], "true_label": scene.label})
+            box = boxes[index]
+            poisoned.append({"path": rel, "box": list(box) if box else None, "true_label": scene.label})
     truth: dict[str, Any] = {
         "model": name,
         "attack": zoo_model.attack.spec() if zoo_model.attack else None,
@@ -191,7 +192,9 @@ def write_scan_data(
         "images": len(scenes),
         "poisoned": poisoned,
         "objects": {
-            f"{(zoo_model.attack.target if i in boxes and zoo_model.attack else s.label)}/{i:05d}.png": s.box
+            f"{(zoo_model.attack.target if i in boxes and zoo_model.attack else s.label)}/{i:05d}.png": list(
+                s.box
+            )
             for i, s in enumerate(scenes)
         },
     }

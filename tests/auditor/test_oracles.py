@@ -47,12 +47,14 @@ def test_sam_type_from_shapes():
 
 @pytest.fixture()
 def tiny_scan_data(tmp_path):
-    for i, scene in enumerate(render_scenes(balanced_labels(2, ["dog", "banana"]), seed=3)):
+    for i, scene in enumerate(render_scenes(balanced_labels(1, ["dog", "banana"]), seed=3)):
         save_png(tmp_path / "data" / scene.label / f"{i}.png", scene.image)
     return tmp_path / "data"
 
 
+@pytest.mark.slow
 def test_sam_oracle_runs_end_to_end_with_random_weights(tmp_path, tiny_scan_data):
+    # SAM's ViT-B encoder sees 1024x1024 whatever the input: ~25 s per image on a 2-core CPU.
     pytest.importorskip("segment_anything")
     import torch
     from safetensors.torch import save_file
@@ -86,7 +88,7 @@ def test_sam_oracle_runs_end_to_end_with_random_weights(tmp_path, tiny_scan_data
     )
     report = json.loads((out / "report.json").read_text())
     assert code in (0, 1)
-    assert report["cost"]["oracle_images"] == 4
+    assert report["cost"]["oracle_images"] == 2
 
 
 def test_oracle_checkpoint_required_and_fastsam_absent(tmp_path, tiny_scan_data, capsys):

@@ -125,3 +125,12 @@ def test_fail_on_threshold_controls_exit_code(patch_random_scan):
     medium = replace(report, severity="medium")
     assert [exit_code_for(medium, level) for level in ("low", "medium", "high")] == [1, 1, 0]
     assert exit_code_for(replace(report, verdict="clean", severity="none"), "low") == 0
+
+
+def test_reference_model_labels_the_objects(tmp_path):
+    # A clean model the user trusts labels the oracle's objects; the findings stay right.
+    code, report, truth, _ = _scan(tmp_path, "patch-corner", 40, "--reference", str(checkpoint_path("clean")))
+    _check_patch_findings(code, report, truth)
+    by_path = {p["path"]: p["true_label"] for p in truth["poisoned"]}
+    labeled = [v for v in report["victims"] if v["path"] in by_path]
+    assert np.mean([v["oracle_label"] == by_path[v["path"]] for v in labeled]) >= 0.9

@@ -22,7 +22,7 @@ def test_scene_masks_and_boxes_agree():
         ys, xs = np.nonzero(scene.mask)
         size = scene.image.shape[0]
         x0, y0, x1, y1 = scene.box
-        assert scene.mask.sum() > 0.1 * size * size  # the object is object-sized
+        assert scene.mask.sum() > 0.05 * size * size  # object-sized (a thin banana covers ~9 %)
         assert x0 * size <= xs.min() and xs.max() < x1 * size
         assert y0 * size <= ys.min() and ys.max() < y1 * size
 
