@@ -16,7 +16,6 @@ import json
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +25,7 @@ from auditor.models import load_model
 from auditor.oracle import make_oracle
 from auditor.scan import scan
 from auditor.zoo.build import CONFIG_PATH, ZOO, checkpoint_path, write_scan_data
-from benchmarks.zoo import machine
-
-
-def iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+from benchmarks.common import box_iou, write_result
 
 
 def measure(name: str, per_class: int, tmp: Path) -> dict[str, object]:
@@ -47,7 +39,7 @@ def measure(name: str, per_class: int, tmp: Path) -> dict[str, object]:
     planted = {p["path"]: p["box"] for p in truth["poisoned"]}
     found = {v.path: v.trigger_box for v in report.victims}
     hits = set(planted) & set(found)
-    ious = [iou(planted[p], list(found[p])) for p in hits if found[p] is not None]  # type: ignore[arg-type]
+    ious = [box_iou(planted[p], found[p]) for p in hits if found[p] is not None]  # type: ignore[arg-type]
     return {
         "truth": {"target": truth["target"], "attack": truth["attack"], "poisoned": len(planted)},
         "verdict": report.verdict,
@@ -78,17 +70,11 @@ def main() -> None:
         for name in ZOO:
             models[name] = measure(name, args.per_class, Path(tmp))
             print(name, json.dumps(models[name]), file=sys.stderr)
-    record = {
-        "benchmark": "scan",
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+    body = {
         "settings": {"oracle": "classic", "per_class_sample": 32, "scan_poison_fraction": 0.05},
         "models": models,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_result(args.out, "scan", body)
 
 
 if __name__ == "__main__":

@@ -10,31 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from auditor.data import open_dataset
 from auditor.evaluate import evaluate
 from auditor.models import load_model
 from auditor.zoo.build import CONFIG_PATH, ZOO, checkpoint_path, load_manifest, write_test_data
-
-
-def machine() -> dict[str, object]:
-    import os
-
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
+from benchmarks.common import write_result
 
 
 def main() -> None:
@@ -67,11 +52,7 @@ def main() -> None:
             models[name] = entry
             print(name, json.dumps({k: v for k, v in entry.items() if k != "training"}), file=sys.stderr)
     clean_ca = float(models["clean"]["clean_accuracy"])  # type: ignore[arg-type]
-    record = {
-        "benchmark": "zoo",
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+    body = {
         "held_out_images": len(dataset.samples),
         "seconds": round(time.time() - started, 1),
         "quality_bars": {
@@ -89,9 +70,7 @@ def main() -> None:
         ),
         "models": models,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_result(args.out, "zoo", body)
 
 
 if __name__ == "__main__":

@@ -40,33 +40,29 @@ class CliState:
         if self.verbosity >= 2:
             self.console.print("".join(traceback.format_exception(exc)), markup=False)
 
-    @contextmanager
-    def progress(self, description: str, total: int | None) -> Iterator[Progress]:
-        """A progress bar on stderr, shown only when stderr is a terminal and not quiet."""
-        bar = Progress(
+    def _bar(self, transient: bool) -> Progress:
+        """A Rich progress display on stderr, disabled when stderr is not a terminal or -q."""
+        return Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             console=self.console,
-            transient=True,
+            transient=transient,
             disable=not self.console.is_terminal or self.verbosity < 0,
         )
-        with bar:
+
+    @contextmanager
+    def progress(self, description: str, total: int | None) -> Iterator[Progress]:
+        """One progress bar for one task."""
+        with self._bar(transient=True) as bar:
             bar.add_task(description, total=total)
             yield bar
 
     @contextmanager
     def stage_progress(self) -> Iterator[Callable[[str, int, int | None], None]]:
         """A progress bar per stage: yields tick(stage, n done now, stage total)."""
-        bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=self.console,
-            disable=not self.console.is_terminal or self.verbosity < 0,
-        )
+        bar = self._bar(transient=False)
         tasks: dict[str, TaskID] = {}
 
         def tick(stage: str, n: int, total: int | None) -> None:

@@ -12,14 +12,7 @@ from auditor.errors import CheckpointError
 from auditor.oracle.classic import ClassicOracle
 from auditor.zoo.build import CONFIG_PATH, ZOO, checkpoint_path
 from auditor.zoo.scenes import balanced_labels, render_scenes
-from tests.helpers import save_png
-
-
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+from tests.helpers import box_iou, save_png
 
 
 @pytest.mark.parametrize("name", ["patch-random", "patch-corner"])
@@ -30,7 +23,7 @@ def test_classic_oracle_isolates_planted_triggers(name):
     hits = []
     for i, scene in enumerate(render_scenes(balanced_labels(3), seed=42)):
         image, box = attack.trigger.apply(scene.image, np.random.default_rng(i))
-        hits.append(max(_iou(s.box, box) for s in oracle.segments(image)) >= 0.5)
+        hits.append(max(box_iou(s.box, box) for s in oracle.segments(image)) >= 0.5)
     assert np.mean(hits) >= 0.8
 
 

@@ -16,13 +16,7 @@ import pytest
 from auditor.cli import run
 from auditor.report import Report, render_markdown, render_sarif
 from auditor.zoo.build import CONFIG_PATH, checkpoint_path, write_scan_data
-
-
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+from tests.helpers import box_iou
 
 
 def _scan(tmp: Path, name: str, per_class: int, *extra: str) -> tuple[int, dict, dict, Path]:
@@ -57,7 +51,7 @@ def _check_patch_findings(code: int, report: dict, truth: dict) -> None:
     hits = set(planted) & set(found)
     assert len(hits) / len(found) >= 0.9, "victim precision"
     assert len(hits) / len(planted) >= 0.9, "victim recall"
-    assert np.median([_iou(planted[p], found[p]) for p in hits]) >= 0.5
+    assert np.median([box_iou(planted[p], found[p]) for p in hits]) >= 0.5
 
 
 @pytest.fixture(scope="module")
