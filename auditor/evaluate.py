@@ -18,6 +18,7 @@ from auditor.data import Dataset, Skipped, iter_batches
 from auditor.errors import InputError
 from auditor.models import LoadedModel
 from auditor.scoring import ZeroShotScorer, make_scorer, torch_runners
+from engines.runners import Runner
 
 
 @dataclass(frozen=True)
@@ -54,16 +55,18 @@ def evaluate(
     batch_size: int = 64,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    runners: tuple[Runner, Runner] | None = None,
 ) -> EvalResult:
     """Measure CA on `dataset` (its labels are taken as truth here) and, with `attack`, ASR.
 
-    `progress(n)` is called after each batch of n images.
+    `progress(n)` is called after each batch of n images; `runners` are (image, text) runners
+    for scoring (`auditor.runtime`), PyTorch by default.
     """
     labeled = [i for i, s in enumerate(dataset.samples) if s.label is not None]
     if not labeled:
         raise InputError(f"{dataset.root}: eval needs labeled images (folders or a label column)")
     target_index = _target_index(dataset, attack)
-    image_runner, text_runner = torch_runners(loaded)
+    image_runner, text_runner = runners or torch_runners(loaded)
     with image_runner, text_runner:
         scorer = make_scorer(loaded, dataset.classes, image_runner, text_runner)
         correct, total, per_class = _clean_pass(scorer, loaded, dataset, labeled, batch_size, progress)

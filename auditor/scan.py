@@ -44,6 +44,7 @@ from auditor.victims import (
     suspect_classes,
     transplant_test,
 )
+from engines.runners import Runner
 
 Progress = Callable[[str, int, int | None], None]
 """progress(stage description, images done in this call, stage total or None)."""
@@ -114,14 +115,16 @@ def scan(
     config: ScanConfig = ScanConfig(),
     progress: Progress | None = None,
     reference: LoadedModel | None = None,
+    runners: tuple[Runner, Runner] | None = None,
 ) -> ScanResult:
     """Audit `loaded` on `dataset`; see the module docstring for the stages.
 
     `reference`, a clean model the user trusts, labels the oracle's objects instead of `loaded`.
+    `runners`: (image, text) runners for bulk scoring (`auditor.runtime`); default PyTorch.
     """
     tick = progress or (lambda stage, n, total: None)
     seconds: dict[str, float] = {}
-    image_runner, text_runner = torch_runners(loaded)
+    image_runner, text_runner = runners or torch_runners(loaded)
     with image_runner, text_runner:
         started = time.perf_counter()
         scorer = make_scorer(loaded, dataset.classes, image_runner, text_runner)

@@ -12,6 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from auditor.zoo.build import CONFIG_PATH  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache(tmp_path_factory) -> Path:
+    """Engines built by the tests go to a temporary cache, not the user's."""
+    folder = tmp_path_factory.mktemp("engines")
+    os.environ["CLIP_AUDIT_ENGINE_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_arch() -> Path:
     """The zoo's open_clip config (ViT 64 px, patch 16, 4 layers; text width 64)."""

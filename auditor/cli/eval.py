@@ -14,6 +14,8 @@ from auditor.cli.options import (
     batch_size_option,
     classes_option,
     data_argument,
+    engine_dir_option,
+    engine_option,
     model_argument,
     seed_option,
 )
@@ -42,6 +44,8 @@ from auditor.evaluate import EvalResult
     show_envvar=True,
     help="table: a summary on stderr; json: the result on stdout.",
 )
+@engine_option
+@engine_dir_option
 @batch_size_option
 @seed_option
 def eval_command(
@@ -51,6 +55,8 @@ def eval_command(
     classes: Path | None,
     attack_spec: str | None,
     fmt: str,
+    engine: str,
+    engine_dir: Path | None,
     batch_size: int,
     seed: int,
 ) -> int:
@@ -59,6 +65,7 @@ def eval_command(
     from auditor.data import open_dataset
     from auditor.evaluate import evaluate
     from auditor.models import load_model
+    from auditor.runtime import make_runners
 
     attack = parse_attack(attack_spec) if attack_spec else None
     dataset = open_dataset(data, classes)
@@ -66,7 +73,13 @@ def eval_command(
     passes = 2 if attack else 1
     with state.progress("evaluating", total=len(dataset.samples) * passes) as bar:
         result = evaluate(
-            loaded, dataset, attack, batch_size=batch_size, seed=seed, progress=lambda n: advance(bar, n)
+            loaded,
+            dataset,
+            attack,
+            batch_size=batch_size,
+            seed=seed,
+            progress=lambda n: advance(bar, n),
+            runners=make_runners(loaded, dataset, engine, engine_dir),
         )
     if fmt == "json":
         click.echo(json.dumps({"model": str(model), "data": str(data), **result.to_dict()}, indent=2))

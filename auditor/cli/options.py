@@ -42,3 +42,19 @@ seed_option = click.option(
     show_envvar=True,
     help="Seed for everything random (trigger placement, sampling).",
 )
+engine_option = click.option(
+    "--engine",
+    type=click.Choice(["auto", "onnx", "torch"]),
+    default="auto",
+    envvar="CLIP_AUDIT_ENGINE",
+    show_envvar=True,
+    help="Runtime for bulk scoring: auto = ONNX Runtime when installed, else PyTorch.",
+)
+engine_dir_option = click.option(
+    "--engine-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    envvar="CLIP_AUDIT_ENGINE_DIR",
+    show_envvar=True,
+    help="Where built engines are cached (default: ~/.cache/clip-audit/engines).",
+)

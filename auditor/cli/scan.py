@@ -13,6 +13,8 @@ from auditor.cli.options import (
     batch_size_option,
     classes_option,
     data_argument,
+    engine_dir_option,
+    engine_option,
     existing_file,
     model_argument,
     seed_option,
@@ -59,14 +61,8 @@ EXIT_FINDINGS = 1
     show_envvar=True,
     help="A clean model you trust (same --arch) to label the oracle's objects.",
 )
-@click.option(
-    "--engine",
-    type=click.Choice(["auto", "torch"]),
-    default="auto",
-    envvar="CLIP_AUDIT_ENGINE",
-    show_envvar=True,
-    help="Runtime for bulk scoring (auto: the fastest available).",
-)
+@engine_option
+@engine_dir_option
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -112,6 +108,7 @@ def scan_command(
     oracle_points: int,
     reference: Path | None,
     engine: str,
+    engine_dir: Path | None,
     out: Path | None,
     fmt: str,
     fail_on: str,
@@ -124,6 +121,7 @@ def scan_command(
     from auditor.models import load_model
     from auditor.oracle import make_oracle
     from auditor.report import FORMATS
+    from auditor.runtime import make_runners
     from auditor.scan import ScanConfig, scan
 
     if fmt == "html" and out is None:
@@ -133,8 +131,12 @@ def scan_command(
     reference_model = load_model(reference, arch) if reference else None
     the_oracle = make_oracle(oracle, oracle_checkpoint, oracle_points)
     config = ScanConfig(per_class=per_class, seed=seed, batch_size=batch_size)
+    runners = make_runners(loaded, dataset, engine, engine_dir)
+    state.debug(f"scoring on {engine}: {runners[0].name}")
     with state.stage_progress() as tick:
-        result = scan(loaded, dataset, the_oracle, config, progress=tick, reference=reference_model)
+        result = scan(
+            loaded, dataset, the_oracle, config, progress=tick, reference=reference_model, runners=runners
+        )
     report = result.report
     if out is not None:
         from auditor.outputs import write_outputs

@@ -128,3 +128,32 @@ def test_reference_model_labels_the_objects(tmp_path):
     by_path = {p["path"]: p["true_label"] for p in truth["poisoned"]}
     labeled = [v for v in report["victims"] if v["path"] in by_path]
     assert np.mean([v["oracle_label"] == by_path[v["path"]] for v in labeled]) >= 0.9
+
+
+def test_onnx_and_torch_engines_give_the_same_findings(tmp_path, engine_cache):
+    truth = write_scan_data("patch-corner", tmp_path / "scan", per_class=20)
+    reports = {}
+    for engine in ("torch", "onnx"):
+        out = tmp_path / engine
+        code = run(
+            [
+                "scan",
+                str(checkpoint_path("patch-corner")),
+                str(tmp_path / "scan"),
+                "--arch",
+                str(CONFIG_PATH),
+                "--engine",
+                engine,
+                "--out",
+                str(out),
+                "--format",
+                "json",
+            ]
+        )
+        assert code == 1
+        reports[engine] = json.loads((out / "report.json").read_text())
+    assert list(engine_cache.glob("*/manifest.json")), "the ONNX engines were cached"
+    for key in ("verdict", "target_labels", "victim_labels"):
+        assert reports["onnx"][key] == reports["torch"][key]
+    assert [v["path"] for v in reports["onnx"]["victims"]] == [v["path"] for v in reports["torch"]["victims"]]
+    assert reports["onnx"]["target_labels"] == [truth["target"]]
