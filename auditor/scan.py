@@ -142,7 +142,7 @@ def scan(
         seconds["oracle"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        findings = _stage3(ctx, checks, scores.indices, tick)
+        findings = _stage3(ctx, checks, tick)
         compact = _stage4(ctx, checks, findings)
         seconds["confirmation"] = time.perf_counter() - started
     report = _report(ctx, checks, findings, compact, seconds, len(scores.indices))
@@ -228,7 +228,7 @@ class _Findings:
     evidence: str = ""
 
 
-def _stage3(ctx: _Context, checks: dict[int, ImageCheck], indices: np.ndarray, tick: Progress) -> _Findings:
+def _stage3(ctx: _Context, checks: dict[int, ImageCheck], tick: Progress) -> _Findings:
     suspects = suspect_classes(list(checks.values()), len(ctx.dataset.classes))
     clean = [
         c for c in checks.values() if not c.disagrees and c.pred not in suspects and c.pred in c.object_labels
