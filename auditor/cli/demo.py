@@ -39,11 +39,11 @@ def demo(out: Path | None, per_class: int) -> int:
     """Scan a bundled poisoned model and its poisoned data; print the findings."""
     if out is None:
         with tempfile.TemporaryDirectory(prefix="clip-audit-demo-") as tmp:
-            return _run(Path(tmp), per_class)
-    return _run(out, per_class)
+            return _run(Path(tmp), per_class, keep=False)
+    return _run(out, per_class, keep=True)
 
 
-def _run(out: Path, per_class: int) -> int:
+def _run(out: Path, per_class: int, keep: bool) -> int:
     from auditor.cli.scan import summary_table
     from auditor.data import open_dataset
     from auditor.models import load_model
