@@ -11,7 +11,6 @@ The architecture is an open_clip model name (`ViT-B-32`) or a path to an open_cl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from auditor.errors import CheckpointError, EnvironmentProblem, InputError
+from engines.cache import file_sha256 as sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -154,14 +154,6 @@ def make_tokenizer(arch: ArchSpec) -> Callable[[list[str]], torch.Tensor]:
                 f"tokenizer '{text['hf_tokenizer_name']}' is not available offline: {exc}"
             ) from exc
     return SimpleTokenizer(context_length=arch.context_length)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sniff_format(path: Path) -> str:

@@ -31,7 +31,7 @@ DEMO_MODEL = "patch-random"
     "--per-class",
     type=click.IntRange(4, 1000),
     default=40,
-    envvar="CLIP_AUDIT_PER_CLASS",
+    envvar="CLIP_AUDIT_DEMO_PER_CLASS",
     show_envvar=True,
     help="Held-out scenes generated per class.",
 )
