@@ -76,7 +76,6 @@ class ScanResult:
     report: Report
     trigger_pixels: np.ndarray | None = None
     compact: tuple[CompactPair, ...] = ()
-    checks: dict[int, ImageCheck] = field(default_factory=dict)
 
 
 class _Context:
@@ -146,7 +145,7 @@ def scan(
         compact = _stage4(ctx, checks, findings)
         seconds["confirmation"] = time.perf_counter() - started
     report = _report(ctx, checks, findings, compact, seconds, len(scores.indices))
-    return ScanResult(report, findings.prototype.pixels if findings.prototype else None, compact, checks)
+    return ScanResult(report, findings.prototype.pixels if findings.prototype else None, compact)
 
 
 def _reference_scorer(reference: LoadedModel, classes: list[str], config: ScanConfig) -> ScoreFn:

@@ -160,13 +160,6 @@ def check_images(
     ]
 
 
-def check_image(
-    index: int, image: np.ndarray, probs: np.ndarray, oracle: Oracle, score: ScoreFn
-) -> ImageCheck:
-    """Algorithm 1 on one image (see `check_images`)."""
-    return check_images([(index, image, probs)], oracle, score)[0]
-
-
 def _split(probs: np.ndarray, sizes: list[int], n_classes: int) -> list[np.ndarray]:
     if not sizes or sum(sizes) == 0:
         return [np.zeros((0, n_classes), np.float32) for _ in sizes]
