@@ -263,14 +263,15 @@ def _confirm(
     )
     predicted = [c for c in checks.values() if c.pred == target]
     predicted_images = [ctx.image(c.index) for c in predicted]
-    victims = find_victims(predicted_images, predicted, prototype, target, ctx.score)
+    target_probs = ctx.score(predicted_images)[:, target]  # scored once for both rounds below
+    victims = find_victims(predicted_images, predicted, prototype, target, ctx.score, target_probs)
     # The victims' boxes come from template matching and fit the trigger far better than the
     # oracle's segments did: rebuilding the prototype on them sharpens it.
     position = {c.index: i for i, c in enumerate(predicted)}
     located = [(predicted_images[position[v.index]], v.box) for v in victims if v.box is not None]
     if len(located) >= ctx.config.min_candidates:
         prototype = build_prototype([image for image, _ in located], [box for _, box in located if box])
-        victims = find_victims(predicted_images, predicted, prototype, target, ctx.score)
+        victims = find_victims(predicted_images, predicted, prototype, target, ctx.score, target_probs)
     rate, per_class = transplant_test(
         prototype, clean_images, [c.pred for c in clean], target, ctx.score, ctx.config.seed
     )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from auditor.oracle import Oracle, Segment
+from auditor.oracle import Oracle, Segment, pixel_box
 
 # Segments up to this share of the image may be triggers ("a trigger is small": the zoo's are
 # 2-3.5 %, BadNets' 16 px on 224 px 0.5 %); from OBJECT_AREA up they are objects.
@@ -57,7 +57,7 @@ def crop_segment(image: np.ndarray, segment: Segment) -> np.ndarray:
     just a closer view of it.
     """
     height, width = image.shape[:2]
-    x0, y0, x1, y1 = _pixel_box(segment.box, height, width)
+    x0, y0, x1, y1 = pixel_box(segment.box, height, width)
     region = image[y0:y1, x0:x1]
     side = max(region.shape[:2])
     square = np.full((side, side, 3), NEUTRAL, np.uint8)
@@ -75,16 +75,6 @@ def ablate_segment(image: np.ndarray, mask: np.ndarray, ring: int = 2) -> np.nda
     out = image.copy()
     out[mask] = fill.astype(np.uint8)
     return out
-
-
-def _pixel_box(box: tuple[float, float, float, float], height: int, width: int) -> tuple[int, int, int, int]:
-    x0, y0, x1, y1 = box
-    return (
-        int(round(x0 * width)),
-        int(round(y0 * height)),
-        max(int(round(x1 * width)), 1),
-        max(int(round(y1 * height)), 1),
-    )
 
 
 @dataclass(frozen=True)
@@ -226,5 +216,5 @@ def _object_labels(object_probs: np.ndarray) -> tuple[int, ...]:
 def _covers(segment: Segment, candidate: Segment) -> bool:
     """Whether the object's box crop shows at least half of the candidate."""
     height, width = segment.mask.shape
-    x0, y0, x1, y1 = _pixel_box(segment.box, height, width)
+    x0, y0, x1, y1 = pixel_box(segment.box, height, width)
     return bool(candidate.mask[y0:y1, x0:x1].sum() >= 0.5 * candidate.mask.sum())

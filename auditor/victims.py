@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from auditor.trigger import ImageCheck, ScoreFn, ablate_segment
+from auditor.oracle import pixel_box
+from auditor.trigger import ImageCheck, ScoreFn, ablate_segment, denoise
 
 SUSPECT_P_VALUE = 0.01
 BASELINE_FLOOR = 0.02  # a class is never compared against a disagreement rate below 2 %
@@ -114,8 +115,6 @@ def overlay_pattern(images: Sequence[np.ndarray]) -> np.ndarray:
     Image content differs from image to image while a blended overlay is the same everywhere,
     so the per-pixel median of the residuals keeps the overlay's fine structure.
     """
-    from auditor.trigger import denoise
-
     height, width = images[0].shape[:2]
     residuals = [
         image.astype(np.float32) - denoise(image).astype(np.float32)
@@ -158,13 +157,16 @@ def find_victims(
     prototype: Prototype,
     target: int,
     score: ScoreFn,
+    target_probs: np.ndarray,
 ) -> list[Victim]:
-    """Images predicted `target` that carry the prototype (by appearance) and flip without it."""
+    """Images predicted `target` that carry the prototype (by appearance) and flip without it.
+
+    `target_probs`: float32 (n,) the target's probability on each whole image, already scored.
+    """
     located = [_locate(image, prototype) for image in images]
     ablated = score(
         [ablate_segment(image, box_mask(image, box)) for image, (box, _) in zip(images, located, strict=True)]
     )
-    target_probs = score(list(images))[:, target]
     victims = []
     for i, check in enumerate(checks):
         box, similarity = located[i]
@@ -192,16 +194,13 @@ def _locate(image: np.ndarray, prototype: Prototype) -> tuple[tuple[float, float
 def box_mask(image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
     height, width = image.shape[:2]
     mask = np.zeros((height, width), bool)
-    x0, y0 = int(round(box[0] * width)), int(round(box[1] * height))
-    x1, y1 = int(round(box[2] * width)), int(round(box[3] * height))
+    x0, y0, x1, y1 = pixel_box(box, height, width)
     mask[y0:y1, x0:x1] = True
     return mask
 
 
 def _box_pixels(image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
-    height, width = image.shape[:2]
-    x0, y0 = int(round(box[0] * width)), int(round(box[1] * height))
-    x1, y1 = max(x0 + 1, int(round(box[2] * width))), max(y0 + 1, int(round(box[3] * height)))
+    x0, y0, x1, y1 = pixel_box(box, *image.shape[:2])
     return image[y0:y1, x0:x1]
 
 

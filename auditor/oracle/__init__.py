@@ -38,6 +38,12 @@ class Segment:
         return cls(mask, box, float(mask.mean()))
 
 
+def pixel_box(box: Box, height: int, width: int) -> tuple[int, int, int, int]:
+    """A normalized box in whole pixels (x0, y0, x1, y1), at least one pixel wide and high."""
+    x0, y0 = int(round(box[0] * width)), int(round(box[1] * height))
+    return x0, y0, max(x0 + 1, int(round(box[2] * width))), max(y0 + 1, int(round(box[3] * height)))
+
+
 class Oracle(Protocol):
     """What every oracle implements: uint8 RGB (H, W, 3) -> segments, largest first."""
 
