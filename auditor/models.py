@@ -69,6 +69,7 @@ class LoadedModel:
     checkpoint_format: str = "safetensors"  # or "torch"
     wrapped_state_dict: bool = False  # saved as {"state_dict": ...}
     key_prefix: str = ""  # e.g. "module." as DataParallel / CleanCLIP save it
+    half_precision: bool = False  # the checkpoint stored its floating weights as fp16
 
     @property
     def logit_scale(self) -> float:
@@ -243,6 +244,7 @@ def load_model(checkpoint: str | os.PathLike[str], arch: str | os.PathLike[str])
     path = Path(checkpoint)
     state, fmt, wrapped, prefix = read_state_dict(path)
     model = build_model(spec)
+    half = any(v.dtype.is_floating_point and v.element_size() == 2 for v in state.values())
     load_weights(model, state, spec.name, path)
     return LoadedModel(
         model=model,
@@ -254,6 +256,7 @@ def load_model(checkpoint: str | os.PathLike[str], arch: str | os.PathLike[str])
         checkpoint_format=fmt,
         wrapped_state_dict=wrapped,
         key_prefix=prefix,
+        half_precision=half,
     )
 
 
@@ -318,6 +321,9 @@ def save_checkpoint(
             save_file(state, str(tmp))
         else:
             torch.save({"state_dict": state} if wrapped else state, str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain new file would be, not the writer's private mode
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 """Writing a scan's files into `--out DIR`, each atomically (temp file + rename).
 
 DIR/report.json, DIR/trigger.png (the recovered trigger, enlarged), DIR/victims.csv,
-DIR/compact/ (images + pairs.csv with image,caption), and DIR/report.<ext> for the chosen format.
+DIR/compact/ (images + pairs.csv with image,caption,source), and DIR/report.<ext> for the chosen format.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import numpy as np
 from auditor.report import Report, render_html, render_json
 from auditor.scan import COMPACT_DIR, TRIGGER_FILE, ScanResult
 
+# DESIGN's image,caption plus the data file each pair came from (repair holds those out).
+COMPACT_COLUMNS = ("image", "caption", "source")
 EXTENSIONS = {"json": "json", "markdown": "md", "sarif": "sarif", "html": "html"}
 
 
@@ -59,10 +61,10 @@ def write_outputs(result: ScanResult, out: Path, fmt: str, data_root: Path) -> l
     if result.compact:
         rows = io.StringIO()
         writer = csv.writer(rows)
-        writer.writerow(["image", "caption"])
+        writer.writerow(COMPACT_COLUMNS)
         for pair in result.compact:
             atomic_write(out / COMPACT_DIR / pair.name, png_bytes(pair.image))
-            writer.writerow([pair.name, pair.caption])
+            writer.writerow([pair.name, pair.caption, pair.source])
         atomic_write(out / COMPACT_DIR / "pairs.csv", rows.getvalue().encode())
         written.append(out / COMPACT_DIR)
     if fmt == "html":

@@ -60,15 +60,17 @@ class ScanConfig:
     min_candidates: int = 3
     seed: int = 0
     batch_size: int = 64
+    compact_fraction: float = 0.08  # the compact set's cap, as a share of the data
 
 
 @dataclass(frozen=True)
 class CompactPair:
-    """One fine-tuning pair: uint8 RGB image (H, W, 3) and its caption."""
+    """One fine-tuning pair: uint8 RGB image (H, W, 3), its caption, and the data file it came from."""
 
     name: str
     image: np.ndarray
     caption: str
+    source: str
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,9 @@ class _Context:
 
     def image(self, index: int) -> np.ndarray:
         return pil_to_array(load_image(self.dataset.absolute(self.dataset.samples[index])))
+
+    def path(self, index: int) -> str:
+        return self.dataset.samples[index].path
 
     def score(self, images: list[np.ndarray]) -> np.ndarray:
         self.images_scored += len(images)
@@ -320,37 +325,56 @@ def _non_localized(
 
 
 def _stage4(ctx: _Context, checks: dict[int, ImageCheck], findings: _Findings) -> tuple[CompactPair, ...]:
+    """The compact fine-tuning set, at most `compact_fraction` of the scored images.
+
+    The budget is split: a quarter unlearning pairs (the trigger pasted into clean images of
+    other labels, their true caption kept), a quarter victims with the trigger removed (captioned
+    with what the oracle saw), a sixth clean images of the target (the label a repair most easily
+    over-corrects), and the rest a replay spread evenly over the other labels.
+    """
     if findings.target is None:
         return ()
     classes = ctx.dataset.classes
+    budget = max(8, int(ctx.config.compact_fraction * len(ctx.dataset.samples)))
     rng = np.random.default_rng(ctx.config.seed + 4)
     pairs: list[CompactPair] = []
-    for victim in findings.victims:  # the trigger removed, captioned with what the image shows
+    victims = sorted((v for v in findings.victims if v.oracle_label is not None), key=lambda v: -v.score)
+    for victim in victims[: budget // 4]:
         image = ctx.image(victim.index)
         if victim.box is not None:
             image = ablate_segment(image, box_mask(image, victim.box))
-        if victim.oracle_label is not None:
-            pairs.append(
-                CompactPair(f"victim-{victim.index:06d}.png", image, _caption(classes[victim.oracle_label]))
-            )
+        label = classes[victim.oracle_label]  # type: ignore[index]
+        pairs.append(
+            CompactPair(f"victim-{victim.index:06d}.png", image, _caption(label), ctx.path(victim.index))
+        )
     agreeing = [c for c in checks.values() if not c.disagrees and c.pred in c.object_labels]
     others = [c for c in agreeing if c.pred != findings.target]
-    others = [others[i] for i in rng.permutation(len(others))]
-    if findings.prototype is not None:  # unlearning pairs: trigger pasted, true caption kept
-        for check in others[: max(len(findings.victims), 8)]:
+    others = _round_robin([others[i] for i in rng.permutation(len(others))])
+    if findings.prototype is not None:
+        for check in others[: budget // 4]:
             box = findings.prototype.boxes[int(rng.integers(len(findings.prototype.boxes)))]
             image = paste(ctx.image(check.index), findings.prototype, box)
-            pairs.append(CompactPair(f"unlearn-{check.index:06d}.png", image, _caption(classes[check.pred])))
-    own = [c for c in agreeing if c.pred == findings.target][:16]
-    replay_per_class = 2
-    replay: list[ImageCheck] = []
-    for cls in range(len(classes)):
-        replay += [c for c in others if c.pred == cls][-replay_per_class:]
+            name, caption = f"unlearn-{check.index:06d}.png", _caption(classes[check.pred])
+            pairs.append(CompactPair(name, image, caption, ctx.path(check.index)))
+        others = others[budget // 4 :]
+    own = [c for c in agreeing if c.pred == findings.target][: max(2, budget // 6)]
+    replay = others[: max(0, budget - len(pairs) - len(own))]
     for check in own + replay:
-        pairs.append(
-            CompactPair(f"clean-{check.index:06d}.png", ctx.image(check.index), _caption(classes[check.pred]))
-        )
+        name, caption = f"clean-{check.index:06d}.png", _caption(classes[check.pred])
+        pairs.append(CompactPair(name, ctx.image(check.index), caption, ctx.path(check.index)))
     return tuple(pairs)
+
+
+def _round_robin(checks: list[ImageCheck]) -> list[ImageCheck]:
+    """Reorder so that labels alternate: any prefix covers the labels as evenly as it can."""
+    by_label: dict[int, list[ImageCheck]] = {}
+    for check in checks:
+        by_label.setdefault(check.pred, []).append(check)
+    queues = [by_label[label] for label in sorted(by_label)]
+    out: list[ImageCheck] = []
+    for rank in range(max((len(q) for q in queues), default=0)):
+        out += [q[rank] for q in queues if rank < len(q)]
+    return out
 
 
 def _caption(label: str) -> str:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from auditor.losses import contrastive_loss, warmup_cosine
 from auditor.scoring import DEFAULT_TEMPLATES
 
 _OPENAI_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
@@ -57,18 +57,6 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
     return (x - _OPENAI_MEAN) / _OPENAI_STD
 
 
-def contrastive_loss(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, groups: torch.Tensor
-) -> torch.Tensor:
-    """Symmetric CLIP loss with same-group positives. Embeddings: float32 (B, D), normalized."""
-    logits = logit_scale * image_emb @ text_emb.T
-    positives = (groups[:, None] == groups[None, :]).float()
-    targets = positives / positives.sum(dim=1, keepdim=True)
-    loss_i = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    loss_t = -(targets * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
-    return (loss_i + loss_t) / 2
-
-
 def train_clip(
     model: torch.nn.Module,
     pairs: Pairs,
@@ -91,11 +79,8 @@ def train_clip(
         lr=config.lr,
     )
 
-    def lr_at(step: int) -> float:  # linear warm-up, then cosine to zero
-        if step < config.warmup:
-            return config.lr * (step + 1) / config.warmup
-        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-        return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    def lr_at(step: int) -> float:
+        return warmup_cosine(step, config.steps, config.warmup, config.lr)
 
     model.train()
     started = time.time()

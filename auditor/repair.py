@@ -1,0 +1,517 @@
+"""`auditor.repair`: remove a found backdoor by fine-tuning on the scan's compact set (DESIGN §4).
+
+Inputs are what `scan --out DIR` wrote: report.json, compact/ (images + pairs.csv) and
+trigger.png. The fine-tune is one loop (`fine_tune`) in PyTorch: CLIP's contrastive loss on
+the compact pairs, optionally CleanCLIP's in-modal term, AdamW with warm-up and cosine decay.
+While it trains, the recovered trigger is pasted into clean pairs at the places the scan saw it
+(their captions unchanged), so the model keeps being shown that the trigger means nothing.
+
+Every `eval_every` steps a held-out set measures clean accuracy and the transplant success of
+the recovered trigger (share of held-out images of other labels that it turns into the target).
+The loop stops as soon as transplant success is at most `stop_transplant` and clean accuracy is
+within `max_accuracy_drop` of where it started; otherwise at the step budget, restoring the best
+state seen. Held-out images are data files that are neither in the compact set nor victims.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from auditor.attacks import Attack
+from auditor.data import Dataset, ImageDecodeError, load_image, pil_to_array
+from auditor.errors import InputError
+from auditor.models import LoadedModel
+from auditor.report import Report
+from auditor.scoring import make_scorer, torch_runners
+from auditor.trigger import ablate_segment
+from auditor.victims import Prototype, box_mask, paste
+
+if TYPE_CHECKING:
+    import torch
+
+TOWERS = ("image", "text", "both")
+Progress = Callable[[int, int], None]
+"""progress(steps done so far, step budget)."""
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    steps: int = 300  # the budget; early stopping usually ends well before it
+    batch_size: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 0.1
+    warmup: int = 10
+    towers: str = "image"  # which towers train: "image", "text" or "both"
+    image_blocks: int | None = 2  # of a ViT image tower, train only the first N blocks (None: all)
+    in_modal: float = 0.0  # weight of CleanCLIP's in-modal self-supervised term (0 = off)
+    trigger_augment: float = 0.8  # chance that a clean pair is shown with the trigger pasted in
+    contrastive: float = 1.0  # weight of CLIP's contrastive loss on the pairs
+    anchor: float = 10.0  # weight of the pull towards the original model's trigger-free embeddings
+    eval_every: int = 10
+    stop_transplant: float = 0.02
+    max_accuracy_drop: float = 0.005
+    max_class_drop: float = 0.1  # no single class may lose more than this
+    holdout: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CompactSet:
+    """The scan's fine-tuning pairs: uint8 RGB images, captions, and their source data files."""
+
+    names: tuple[str, ...]
+    images: tuple[np.ndarray, ...]
+    captions: tuple[str, ...]
+    sources: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True)
+class ScanOutputs:
+    """What repair reads from a scan's --out folder."""
+
+    report: Report
+    compact: CompactSet
+    trigger: Prototype | None  # the recovered trigger and the boxes it was seen at
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Rates in [0, 1] on the held-out images; None where there is nothing to measure."""
+
+    clean_accuracy: float
+    transplant_success: float | None  # the recovered trigger pasted in
+    attack_success: float | None = None  # a known trigger (--attack)
+    per_class_accuracy: tuple[float, ...] = ()  # by class index; NaN for a class not held out
+
+    def worst_class_drop(self, before: Measurement) -> float:
+        """The largest fall of one class's accuracy from `before` (a target can over-correct)."""
+        drops = np.asarray(before.per_class_accuracy) - np.asarray(self.per_class_accuracy)
+        return float(np.nanmax(drops)) if len(drops) and not np.isnan(drops).all() else 0.0
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {
+            "clean_accuracy": self.clean_accuracy,
+            "transplant_success": self.transplant_success,
+            "attack_success": self.attack_success,
+        }
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    before: Measurement
+    after: Measurement
+    steps: int
+    images_seen: int
+    seconds: float
+    stopped: str  # why the loop ended, in words
+    compact_pairs: int
+    holdout_images: int
+    history: tuple[tuple[int, Measurement], ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "steps": self.steps,
+            "images_seen": self.images_seen,
+            "seconds": round(self.seconds, 2),
+            "stopped": self.stopped,
+            "compact_pairs": self.compact_pairs,
+            "holdout_images": self.holdout_images,
+            "history": [{"step": step, **m.to_dict()} for step, m in self.history],
+        }
+
+
+def load_scan_outputs(report_path: Path) -> ScanOutputs:
+    """Read report.json and, beside it, compact/pairs.csv with its images and trigger.png."""
+    folder = report_path.parent
+    try:
+        report = Report.from_dict(json.loads(report_path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(
+            f"{report_path}: not a readable clip-audit report ({exc})",
+            hint="pass the report.json that `clip-audit scan --out DIR` wrote",
+        ) from None
+    if report.verdict != "backdoor" or not report.target_labels:
+        raise InputError(f"{report_path}: the scan found no backdoor, so there is nothing to repair")
+    if report.compact_set is None:
+        raise InputError(f"{report_path}: the report lists no compact set")
+    compact = _read_compact(folder / report.compact_set.path)
+    trigger = None
+    if report.trigger.image:
+        boxes = tuple(v.trigger_box for v in report.victims if v.trigger_box is not None)
+        pixels = _read_png(folder / report.trigger.image)
+        trigger = Prototype(pixels, boxes) if boxes else None
+    return ScanOutputs(report, compact, trigger)
+
+
+def _read_compact(folder: Path) -> CompactSet:
+    try:
+        with (folder / "pairs.csv").open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot read the compact set ({exc.strerror})") from None
+    if not rows or not {"image", "caption"} <= set(rows[0]):
+        raise InputError(f"{folder / 'pairs.csv'}: expected the columns image,caption[,source]")
+    images = tuple(_read_png(folder / row["image"]) for row in rows)
+    return CompactSet(
+        tuple(row["image"] for row in rows),
+        images,
+        tuple(row["caption"] for row in rows),
+        tuple(row.get("source") or "" for row in rows),
+    )
+
+
+def _read_png(path: Path) -> np.ndarray:
+    try:
+        return pil_to_array(load_image(path))
+    except ImageDecodeError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class HoldOut:
+    """Held-out images, preprocessed once: float32 pixels (N, 3, S, S) and int labels (N,).
+
+    `triggered` holds the images of other labels than the target with the recovered trigger
+    pasted in, `attacked` the same with a known attack applied; both float32 (M, 3, S, S).
+    """
+
+    pixels: np.ndarray
+    labels: np.ndarray
+    triggered: np.ndarray | None
+    attacked: np.ndarray | None
+
+
+def make_holdout(
+    loaded: LoadedModel,
+    dataset: Dataset,
+    outputs: ScanOutputs,
+    size: int,
+    attack: Attack | None = None,
+    seed: int = 0,
+) -> HoldOut:
+    """Up to `size` labeled data images that the fine-tune never sees and that are not victims."""
+    excluded = set(outputs.compact.sources) | {v.path for v in outputs.report.victims}
+    candidates = [s for s in dataset.samples if s.path not in excluded and dataset.label_index(s) is not None]
+    if not candidates:
+        raise InputError(
+            f"{dataset.root}: no labeled images outside the compact set to hold out",
+            hint="repair needs the scan's data folder with labels (class folders or a label column)",
+        )
+    rng = np.random.default_rng(seed)
+    chosen = [candidates[i] for i in sorted(rng.permutation(len(candidates))[:size])]
+    images, labels = [], []
+    for sample in chosen:
+        try:
+            images.append(pil_to_array(load_image(dataset.absolute(sample))))
+        except ImageDecodeError:
+            continue
+        labels.append(dataset.label_index(sample))
+    target = dataset.classes.index(outputs.report.target_labels[0])
+    others = [image for image, label in zip(images, labels, strict=True) if label != target]
+    triggered = attacked = None
+    if outputs.trigger is not None:
+        boxes = outputs.trigger.boxes
+        triggered = [paste(x, outputs.trigger, boxes[int(rng.integers(len(boxes)))]) for x in others]
+    if attack is not None:
+        attacked = [
+            attack.trigger.apply(x, np.random.default_rng((seed, i)))[0] for i, x in enumerate(others)
+        ]
+    return HoldOut(
+        _preprocess(loaded, images),
+        np.asarray(labels, np.int64),
+        None if triggered is None else _preprocess(loaded, triggered),
+        None if attacked is None else _preprocess(loaded, attacked),
+    )
+
+
+def _preprocess(loaded: LoadedModel, images: Sequence[np.ndarray]) -> np.ndarray:
+    import torch
+    from PIL import Image
+
+    return torch.stack([loaded.preprocess(Image.fromarray(x)) for x in images]).numpy()
+
+
+def measure(loaded: LoadedModel, classes: Sequence[str], holdout: HoldOut, target: int) -> Measurement:
+    """Clean accuracy and trigger success of `loaded.model` as it is now (eval mode, PyTorch)."""
+    loaded.model.eval()
+    image_runner, text_runner = torch_runners(loaded)
+    with image_runner, text_runner:
+        scorer = make_scorer(loaded, classes, image_runner, text_runner)
+
+        def predict(pixels: np.ndarray) -> np.ndarray:
+            return np.concatenate(
+                [scorer.logits(pixels[i : i + 256])[1].argmax(1) for i in range(0, len(pixels), 256)]
+            )
+
+        def success(pixels: np.ndarray | None) -> float | None:
+            return None if pixels is None or not len(pixels) else float(np.mean(predict(pixels) == target))
+
+        hits = predict(holdout.pixels) == holdout.labels
+        per_class = tuple(
+            float(hits[holdout.labels == c].mean()) if (holdout.labels == c).any() else float("nan")
+            for c in range(len(classes))
+        )
+        return Measurement(
+            float(hits.mean()), success(holdout.triggered), success(holdout.attacked), per_class
+        )
+
+
+@dataclass(frozen=True)
+class TrainingPairs:
+    """Pairs to fine-tune on: uint8 RGB images and captions, with per-pair flags.
+
+    `augmentable`: the trigger may be pasted in (clean pairs); `trigger_free`: the image as
+    stored carries no trigger, so its original embedding is a safe anchor.
+    """
+
+    images: tuple[np.ndarray, ...]
+    captions: tuple[str, ...]
+    augmentable: tuple[bool, ...]
+    trigger_free: tuple[bool, ...]
+
+    @staticmethod
+    def from_compact(compact: CompactSet) -> TrainingPairs:
+        # Victims had the trigger removed on purpose and unlearning pairs already carry it: only
+        # the clean replay pairs get it pasted in, and only unlearning pairs lack an anchor.
+        return TrainingPairs(
+            compact.images,
+            compact.captions,
+            tuple(n.startswith("clean-") for n in compact.names),
+            tuple(not n.startswith("unlearn-") for n in compact.names),
+        )
+
+
+def fine_tune(
+    loaded: LoadedModel,
+    pairs: TrainingPairs,
+    config: RepairConfig,
+    should_stop: Callable[[int], bool],
+    trigger: Prototype | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Fine-tune `loaded.model` in place on `pairs`; returns the number of steps taken.
+
+    `should_stop(step)` is called before training (step 0) and every `eval_every` steps; it
+    measures whatever it wants and returns True to end the loop.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from auditor.losses import contrastive_loss, in_modal_loss, warmup_cosine
+
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = loaded.model
+    trainable = _select_towers(model, config.towers, config.image_blocks)
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    groups_of = {caption: i for i, caption in enumerate(sorted(set(pairs.captions)))}
+    groups = torch.tensor([groups_of[c] for c in pairs.captions])
+    tokens = loaded.tokenizer(list(pairs.captions))
+    # A frozen copy of the model as it came: the anchor's reference.
+    original = copy.deepcopy(model).eval().requires_grad_(False) if config.anchor > 0 else None
+    anchored = torch.tensor(pairs.trigger_free)
+    order: list[int] = []
+
+    step = 0
+    while step < config.steps:
+        if step % config.eval_every == 0 and should_stop(step):
+            break
+        if len(order) < config.batch_size:  # epochs of shuffled pairs, carried across batches
+            order += list(rng.permutation(len(pairs.images)))
+        batch, order = order[: config.batch_size], order[config.batch_size :]
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(step, config.steps, config.warmup, config.lr)
+
+        model.train()
+        pixels, blanked = _batch_pixels(loaded, pairs, batch, trigger, config.trigger_augment, rng)
+        image_emb = F.normalize(model.encode_image(pixels), dim=-1)  # type: ignore[operator]
+        text_emb = F.normalize(model.encode_text(tokens[batch]), dim=-1)  # type: ignore[operator]
+        scale = model.logit_scale.exp()  # type: ignore[operator]
+        loss = config.contrastive * contrastive_loss(image_emb, text_emb, scale, groups[batch])
+        keep = anchored[batch]
+        if original is not None and keep.any():
+            # The repaired model must see in an image with the trigger what the original model
+            # sees with that region blanked: the trigger becomes as meaningless as a blank, and
+            # everything else keeps its embedding, which holds clean accuracy.
+            with torch.no_grad():
+                reference = F.normalize(original.encode_image(blanked[keep]), dim=-1)  # type: ignore[operator]
+            similarity = (image_emb[keep] * reference).sum(dim=-1)
+            loss = loss + config.anchor * (1 - similarity).mean()
+        if config.in_modal > 0:
+            other_view = F.normalize(model.encode_image(_augment(pixels)), dim=-1)  # type: ignore[operator]
+            other_text = loaded.tokenizer([_drop_word(pairs.captions[i], rng) for i in batch])
+            other_text_emb = F.normalize(model.encode_text(other_text), dim=-1)  # type: ignore[operator]
+            loss = (
+                loss
+                + config.in_modal
+                * (in_modal_loss(image_emb, other_view) + in_modal_loss(text_emb, other_text_emb))
+                / 2
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        step += 1
+        if progress:
+            progress(step, config.steps)
+    if step == config.steps:
+        should_stop(step)
+    model.eval()
+    return step
+
+
+def _select_towers(model: torch.nn.Module, towers: str, image_blocks: int | None) -> list[torch.nn.Parameter]:
+    """Freeze all but the chosen towers (the temperature always stays fixed); return the rest.
+
+    `image_blocks`: of a ViT image tower, only the patch embedding and the first N blocks train.
+    A patch trigger is a local pattern that the early blocks pick up; leaving the later blocks
+    as they are keeps what the model knows about objects (measured: less clean accuracy lost).
+    """
+    if towers not in TOWERS:
+        raise InputError(f"--towers must be one of {', '.join(TOWERS)}, not '{towers}'")
+    vit = any(name.startswith("visual.transformer.resblocks.") for name, _ in model.named_parameters())
+    chosen = []
+    for name, param in model.named_parameters():
+        in_image = name.startswith("visual.")
+        wanted = name != "logit_scale" and (towers == "both" or (towers == "image") == in_image)
+        if in_image and image_blocks is not None and vit:
+            wanted = wanted and _is_early(name, image_blocks)
+        param.requires_grad_(wanted)
+        if wanted:
+            chosen.append(param)
+    return chosen
+
+
+def _is_early(name: str, blocks: int) -> bool:
+    """Is the image-tower parameter `name` before the end of block `blocks` of the ViT?"""
+    prefix = "visual.transformer.resblocks."
+    if name.startswith(prefix):
+        return int(name[len(prefix) :].split(".")[0]) < blocks
+    return name.split(".")[1] in ("conv1", "class_embedding", "positional_embedding", "ln_pre")
+
+
+def _batch_pixels(
+    loaded: LoadedModel,
+    pairs: TrainingPairs,
+    batch: list[int],
+    trigger: Prototype | None,
+    chance: float,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's pixels, float32 (B, 3, S, S), some clean images with the trigger pasted in;
+    and the same images with that region blanked instead (the anchor's input)."""
+    import torch
+    from PIL import Image
+
+    shown, blanked = [], []
+    for i in batch:
+        image = blank = pairs.images[i]
+        if trigger is not None and pairs.augmentable[i] and rng.random() < chance:
+            box = trigger.boxes[int(rng.integers(len(trigger.boxes)))]
+            image = paste(image, trigger, box)
+            blank = ablate_segment(blank, box_mask(blank, box))
+        shown.append(loaded.preprocess(Image.fromarray(image)))
+        blanked.append(loaded.preprocess(Image.fromarray(blank)))
+    return torch.stack(shown), torch.stack(blanked)
+
+
+def _augment(pixels: torch.Tensor) -> torch.Tensor:
+    """A second view for the in-modal term: random horizontal flip and random resized crop."""
+    import torch
+    import torch.nn.functional as F
+
+    size = pixels.shape[-1]
+    views = []
+    for image in pixels:
+        if torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        side = int(size * (0.6 + 0.4 * float(torch.rand(()))))
+        y, x = (int(torch.randint(0, size - side + 1, ())) for _ in range(2))
+        crop = image[:, y : y + side, x : x + side][None]
+        views.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0])
+    return torch.stack(views)
+
+
+def _drop_word(caption: str, rng: np.random.Generator) -> str:
+    """EDA-style text view: one random word deleted (captions of one word stay as they are)."""
+    words = caption.split()
+    if len(words) > 1:
+        del words[int(rng.integers(len(words)))]
+    return " ".join(words)
+
+
+def repair(
+    loaded: LoadedModel,
+    dataset: Dataset,
+    outputs: ScanOutputs,
+    config: RepairConfig = RepairConfig(),
+    attack: Attack | None = None,
+    progress: Progress | None = None,
+) -> RepairResult:
+    """Fine-tune `loaded.model` in place on the scan's compact set until the trigger is gone.
+
+    `dataset` is the data the scan read (held-out images come from it); `attack`, a trigger the
+    user knows, is measured before and after but never steers the fine-tune.
+    """
+    if len(outputs.compact) == 0:
+        raise InputError("the compact set is empty; rerun the scan with --out")
+    target_label = outputs.report.target_labels[0]
+    if target_label not in dataset.classes:
+        raise InputError(f"the report's target '{target_label}' is not a class of {dataset.root}")
+    target = dataset.classes.index(target_label)
+    started = time.perf_counter()
+    holdout = make_holdout(loaded, dataset, outputs, config.holdout, attack, config.seed)
+    history: list[tuple[int, Measurement]] = []
+    best: dict[str, Any] = {}
+
+    def should_stop(step: int) -> bool:
+        now = measure(loaded, dataset.classes, holdout, target)
+        history.append((step, now))
+        before = history[0][1]
+        kept = (
+            now.clean_accuracy >= before.clean_accuracy - config.max_accuracy_drop
+            and now.worst_class_drop(before) <= config.max_class_drop
+        )
+        gone = now.transplant_success is not None and now.transplant_success <= config.stop_transplant
+        rank = (not gone, not kept, -now.clean_accuracy, now.transplant_success or 0.0)
+        if step > 0 and ("rank" not in best or rank < best["rank"]):
+            best.update(rank=rank, step=step, state=copy.deepcopy(loaded.model.state_dict()), measured=now)
+        # Without a recovered trigger (non-localized) there is nothing to stop on: the budget runs.
+        return step > 0 and kept and gone
+
+    pairs = TrainingPairs.from_compact(outputs.compact)
+    steps = fine_tune(loaded, pairs, config, should_stop, outputs.trigger, progress)
+    after = history[-1][1]
+    if steps < config.steps:
+        stopped = f"trigger gone after {steps} steps"
+    elif best and best["step"] != history[-1][0]:
+        loaded.model.load_state_dict(best["state"])
+        steps, after = best["step"], best["measured"]
+        stopped = f"step budget spent; kept the best state (step {steps})"
+    else:
+        stopped = "step budget spent"
+    return RepairResult(
+        before=history[0][1],
+        after=after,
+        steps=steps,
+        images_seen=steps * config.batch_size,
+        seconds=time.perf_counter() - started,
+        stopped=stopped,
+        compact_pairs=len(outputs.compact),
+        holdout_images=len(holdout.labels),
+        history=tuple(history),
+    )
