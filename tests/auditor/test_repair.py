@@ -1,0 +1,141 @@
+"""`clip-audit repair` on the zoo's patch models, judged with the *planted* trigger.
+
+Each model goes scan -> repair -> eval -> re-scan through the CLI. Attack success is measured by
+`eval --attack` with the generator's own attack spec on held-out test scenes the repair never
+saw; the compact set's size is checked against the scan data's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from auditor.cli import run
+from auditor.losses import in_modal_loss
+from auditor.zoo.build import CONFIG_PATH, ZOO, checkpoint_path, write_scan_data, write_test_data
+
+
+def _eval(capsys, model: Path, data: Path, spec: str) -> dict:
+    capsys.readouterr()
+    code = run(
+        ["eval", str(model), str(data), "--arch", str(CONFIG_PATH), "--attack", spec, "--format", "json"]
+    )
+    assert code == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def test_scenes(tmp_path_factory) -> Path:
+    return write_test_data(tmp_path_factory.mktemp("repair-test") / "test", per_class=40)
+
+
+@pytest.fixture(scope="module", params=["patch-random", "patch-corner"])
+def repaired(request, tmp_path_factory) -> dict:
+    name = request.param
+    tmp = tmp_path_factory.mktemp(name)
+    truth = write_scan_data(name, tmp / "scan", per_class=40)
+    args = ["--arch", str(CONFIG_PATH)]
+    assert (
+        run(["scan", str(checkpoint_path(name)), str(tmp / "scan"), *args, "--out", str(tmp / "report")]) == 1
+    )
+    fixed = tmp / "fixed.safetensors"
+    repair_args = ["--report", str(tmp / "report" / "report.json"), "--output", str(fixed), "--out", str(tmp)]
+    code = run(["repair", str(checkpoint_path(name)), str(tmp / "scan"), *args, *repair_args])
+    assert code == 0
+    return {"name": name, "tmp": tmp, "truth": truth, "fixed": fixed}
+
+
+def test_planted_trigger_no_longer_works(repaired, test_scenes, capsys):
+    spec = ZOO[repaired["name"]].attack.spec()  # type: ignore[union-attr]
+    before = _eval(capsys, checkpoint_path(repaired["name"]), test_scenes, spec)
+    after = _eval(capsys, repaired["fixed"], test_scenes, spec)
+    assert before["attack_success_rate"] >= 0.9
+    assert after["attack_success_rate"] <= 0.05
+    assert after["clean_accuracy"] >= before["clean_accuracy"] - 0.02
+
+
+def test_compact_set_is_at_most_a_tenth_of_the_scan_data(repaired):
+    report = json.loads((repaired["tmp"] / "report" / "report.json").read_text())
+    pairs = (repaired["tmp"] / "report" / "compact" / "pairs.csv").read_text().splitlines()[1:]
+    assert len(pairs) == report["compact_set"]["size"] <= 0.10 * repaired["truth"]["images"]
+    record = json.loads((repaired["tmp"] / "repair.json").read_text())
+    assert record["compact_pairs"] == len(pairs)
+    assert record["after"]["transplant_success"] <= record["before"]["transplant_success"] - 0.5
+
+
+def test_rescan_of_repaired_model_is_clean(repaired):
+    out = repaired["tmp"] / "rescan"
+    code = run(
+        [
+            "scan",
+            str(repaired["fixed"]),
+            str(repaired["tmp"] / "scan"),
+            "--arch",
+            str(CONFIG_PATH),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    assert json.loads((out / "report.json").read_text())["verdict"] == "clean"
+
+
+def test_repaired_checkpoint_keeps_the_input_format_and_loads_in_open_clip(repaired):
+    import open_clip
+    from safetensors.torch import load_file
+
+    state = load_file(str(repaired["fixed"]))
+    original = load_file(str(checkpoint_path(repaired["name"])))
+    assert state.keys() == original.keys()
+    assert {v.dtype for v in state.values()} == {v.dtype for v in original.values()}  # fp16 stays fp16
+    config = json.loads(CONFIG_PATH.read_text())
+    model = open_clip.CLIP(**config.get("model_cfg", config))
+    model.load_state_dict({k: v.float() for k, v in state.items()})  # strict: every key fits
+
+
+def test_repair_refuses_to_overwrite(repaired, capsys):
+    tmp, name = repaired["tmp"], repaired["name"]
+    common = [str(tmp / "scan"), "--arch", str(CONFIG_PATH), "--report", str(tmp / "report" / "report.json")]
+    model_copy = tmp / "copy.safetensors"
+    shutil.copy(checkpoint_path(name), model_copy)
+    assert run(["repair", str(model_copy), *common, "--output", str(model_copy), "--force"]) == 2
+    assert "never overwritten" in capsys.readouterr().err
+    before = repaired["fixed"].read_bytes()
+    assert run(["repair", str(model_copy), *common, "--output", str(repaired["fixed"])]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert repaired["fixed"].read_bytes() == before
+
+
+def test_repair_refuses_a_report_of_another_checkpoint(repaired, capsys):
+    tmp = repaired["tmp"]
+    other = "patch-corner" if repaired["name"] == "patch-random" else "patch-random"
+    code = run(
+        [
+            "repair",
+            str(checkpoint_path(other)),
+            str(tmp / "scan"),
+            "--arch",
+            str(CONFIG_PATH),
+            "--report",
+            str(tmp / "report" / "report.json"),
+            "--output",
+            str(tmp / "other.safetensors"),
+        ]
+    )
+    assert code == 2
+    assert "another checkpoint" in capsys.readouterr().err
+    assert not (tmp / "other.safetensors").exists()
+
+
+def test_in_modal_loss_prefers_matching_views():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(16, 32, generator=generator), dim=-1)
+    noisy = torch.nn.functional.normalize(a + 0.1 * torch.randn(16, 32, generator=generator), dim=-1)
+    shuffled = noisy[torch.randperm(16, generator=generator)]
+    assert in_modal_loss(a, noisy) < in_modal_loss(a, shuffled)
+    assert np.isfinite(in_modal_loss(a, noisy).item())
