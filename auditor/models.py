@@ -230,7 +230,9 @@ def _read_torch(path: Path, kind: str) -> Any:
                 hint="convert it to .safetensors in a sandbox you trust",
             ) from exc
         raise CheckpointError(f"{path}: not a readable checkpoint ({_short(exc)})") from exc
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+    # Random or damaged bytes make torch's restricted unpickler fail in many ways (IndexError
+    # from its stack among them, about 1 file in 12 of random bytes): all mean "not a checkpoint".
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({_short(exc)})") from exc
 
 
