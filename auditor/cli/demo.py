@@ -15,19 +15,13 @@ from pathlib import Path
 import click
 
 from auditor.cli.console import state
+from auditor.cli.options import out_option
 
 DEMO_MODEL = "patch-random"
 
 
 @click.command("demo")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    envvar="CLIP_AUDIT_OUT",
-    show_envvar=True,
-    help="Keep the data and the scan's outputs here (default: a temporary folder).",
-)
+@out_option("Keep the data, reports and repaired checkpoint here (default: a temporary folder).")
 @click.option(
     "--per-class",
     type=click.IntRange(4, 1000),

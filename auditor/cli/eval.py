@@ -11,6 +11,7 @@ from rich.table import Table
 from auditor.cli.console import advance, state
 from auditor.cli.options import (
     arch_option,
+    attack_option,
     batch_size_option,
     classes_option,
     data_argument,
@@ -27,14 +28,7 @@ from auditor.evaluate import EvalResult
 @data_argument
 @arch_option
 @classes_option
-@click.option(
-    "--attack",
-    "attack_spec",
-    default=None,
-    envvar="CLIP_AUDIT_ATTACK",
-    show_envvar=True,
-    help="Trigger to measure, e.g. patch:size=0.12,pattern=checker,pos=random,target=banana",
-)
+@attack_option("Trigger to measure, e.g. patch:size=0.12,pattern=checker,pos=random,target=banana")
 @click.option(
     "--format",
     "fmt",

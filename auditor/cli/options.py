@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -58,3 +60,22 @@ engine_dir_option = click.option(
     show_envvar=True,
     help="Where built engines are cached (default: ~/.cache/clip-audit/engines).",
 )
+
+
+def out_option(help_text: str) -> Callable[[Any], Any]:
+    """`--out DIR` (CLIP_AUDIT_OUT); each command says what it writes there."""
+    return click.option(
+        "--out",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        envvar="CLIP_AUDIT_OUT",
+        show_envvar=True,
+        help=help_text,
+    )
+
+
+def attack_option(help_text: str) -> Callable[[Any], Any]:
+    """`--attack SPEC` (CLIP_AUDIT_ATTACK): a trigger the user knows."""
+    return click.option(
+        "--attack", "attack_spec", default=None, envvar="CLIP_AUDIT_ATTACK", show_envvar=True, help=help_text
+    )

@@ -9,7 +9,15 @@ import click
 from rich.table import Table
 
 from auditor.cli.console import state
-from auditor.cli.options import arch_option, classes_option, data_argument, model_argument, seed_option
+from auditor.cli.options import (
+    arch_option,
+    attack_option,
+    classes_option,
+    data_argument,
+    model_argument,
+    out_option,
+    seed_option,
+)
 from auditor.repair import TOWERS, RepairResult
 
 new_file = click.Path(dir_okay=False, path_type=Path)
@@ -53,22 +61,8 @@ new_file = click.Path(dir_okay=False, path_type=Path)
 @click.option(
     "--in-modal", type=click.FloatRange(0, 100), default=0.0, help="Weight of CleanCLIP's in-modal term."
 )
-@click.option(
-    "--attack",
-    "attack_spec",
-    default=None,
-    envvar="CLIP_AUDIT_ATTACK",
-    show_envvar=True,
-    help="A trigger you know, measured before and after (it never steers the fine-tune).",
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    envvar="CLIP_AUDIT_OUT",
-    show_envvar=True,
-    help="Write DIR/repair.json (the before/after numbers and their history).",
-)
+@attack_option("A trigger you know, measured before and after (it never steers the fine-tune).")
+@out_option("Write DIR/repair.json (the before/after numbers and their history).")
 @click.option("--batch-size", type=click.IntRange(2, 4096), default=32, help="Pairs per fine-tuning step.")
 @seed_option
 def repair_command(

@@ -17,6 +17,7 @@ from auditor.cli.options import (
     engine_option,
     existing_file,
     model_argument,
+    out_option,
     seed_option,
 )
 from auditor.report import SEVERITIES, Report
@@ -63,14 +64,7 @@ EXIT_FINDINGS = 1
 )
 @engine_option
 @engine_dir_option
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    envvar="CLIP_AUDIT_OUT",
-    show_envvar=True,
-    help="Write report.json, trigger.png, victims.csv and compact/ here.",
-)
+@out_option("Write report.json, trigger.png, victims.csv and compact/ here.")
 @click.option(
     "--format",
     "fmt",
