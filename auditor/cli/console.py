@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 
@@ -27,10 +28,11 @@ class CliState:
             self.console.print(f"[dim]{message}[/dim]")
 
     def error(self, message: str, hint: str | None = None) -> None:
-        # One line (plus an optional hint line), never a traceback.
-        self.console.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True, markup=True)
+        # One line (plus an optional hint line), never a traceback. Escaped: messages quote paths
+        # and install lines such as "clip-audit[gpu]", which Rich would read as markup.
+        self.console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
         if hint:
-            self.console.print(f"[yellow]hint:[/yellow] {hint}", soft_wrap=True)
+            self.console.print(f"[yellow]hint:[/yellow] {escape(hint)}", soft_wrap=True)
 
     def internal_error(self, exc: BaseException) -> None:
         self.error(
