@@ -1,9 +1,12 @@
-"""Which runtime scores images and prompts: `--engine auto|onnx|torch`.
+"""Which runtime scores images and prompts: `--engine auto|onnx|tensorrt|torch`, and precision.
 
-`onnx` exports both towers once per checkpoint (cached outside the source tree, see
-`engines.cache`), validates them against PyTorch on real inputs from the data and the class
-prompts (a failure is exit 3 with the numbers), and runs them with ONNX Runtime. `auto` is
-`onnx` when onnxruntime is installed, else `torch`. PyTorch stays the reference and the repair.
+Engines are built once per checkpoint, runtime and precision and cached outside the source tree
+(`engines.cache`): ONNX fp32 towers are exported from PyTorch; int8 and fp16 ONNX engines and
+TensorRT engines are derived from the cached fp32 graphs. Every time engines are opened they are
+checked against PyTorch on a *probe* of real inputs from the data (`check_engines`): fp32 by max
+abs diff and cosine of the embeddings, fp16 and int8 by top-1 zero-shot agreement with PyTorch
+fp32. A failed check is an EngineError (exit 3) with the measured numbers. `auto` is `onnx` when
+onnxruntime is installed, else `torch`. PyTorch stays the reference and the repair.
 """
 
 from __future__ import annotations
@@ -11,17 +14,28 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from auditor.data import Dataset, iter_batches
 from auditor.errors import InputError
 from auditor.models import LoadedModel
-from auditor.scoring import DEFAULT_TEMPLATES, torch_runners
+from auditor.scoring import DEFAULT_TEMPLATES, embed_classes, normalize, torch_runners
+from engines.cache import EngineKey
 from engines.runners import Runner
 
-ENGINES = ("auto", "onnx", "torch")
+ENGINES = ("auto", "onnx", "tensorrt", "torch")
+PRECISIONS = ("fp32", "fp16", "int8")
+TOWERS = ("image", "text")
+# Probe sizes: parity needs a few inputs; a 99 % agreement bar needs well over 100 images.
+PARITY_IMAGES = 16
+AGREEMENT_IMAGES = 200
+# Noise stands in for data where none is given (fp32 parity only): these name its "classes".
+NOISE_CLASSES = ("dog", "cat", "car", "tree", "house", "boat", "bird", "flower")
 
 
 def resolve_engine(engine: str) -> str:
@@ -32,72 +46,318 @@ def resolve_engine(engine: str) -> str:
     return engine
 
 
-def make_runners(
-    loaded: LoadedModel, dataset: Dataset, engine: str = "auto", engine_dir: Path | None = None
-) -> tuple[Runner, Runner]:
-    """(image runner, text runner) for `engine`, built or taken from the cache."""
-    if resolve_engine(engine) == "torch":
-        return torch_runners(loaded)
-    from engines.cache import EngineCache, EngineKey, runtime_versions
-    from engines.runners import OnnxRuntimeRunner
+@dataclass(frozen=True)
+class Probe:
+    """Inputs engines are checked on: pixels float32 (n, 3, S, S) and the class vocabulary.
 
-    key = EngineKey(
+    `real` is False for seeded noise (no data given): good for fp32 parity, meaningless for
+    zero-shot agreement.
+    """
+
+    pixels: np.ndarray
+    classes: tuple[str, ...]
+    real: bool
+
+
+def make_probe(loaded: LoadedModel, dataset: Dataset | None, count: int = AGREEMENT_IMAGES) -> Probe:
+    """Up to `count` decodable images spread evenly over the data, preprocessed; noise without data."""
+    size = loaded.arch.image_size
+    if dataset is not None:
+        total = len(dataset.samples)
+        indices = sorted({round(i * total / count) for i in range(count)} & set(range(total)))
+        batches = [b.pixels.numpy() for b in iter_batches(dataset, loaded.preprocess, 64, indices=indices)]
+        if batches:
+            return Probe(np.concatenate(batches), tuple(dataset.classes), True)
+    noise = np.random.default_rng(0).standard_normal((PARITY_IMAGES, 3, size, size)).astype(np.float32)
+    return Probe(noise, NOISE_CLASSES, False)
+
+
+@dataclass(frozen=True)
+class Engines:
+    """Built engine files ("image", "text") for one runtime and precision."""
+
+    runtime: str  # "onnx" | "tensorrt"
+    precision: str
+    files: dict[str, Path]
+    cache_hit: bool
+
+    def runners(self) -> tuple[Runner, Runner]:
+        """(image runner, text runner), not yet active."""
+        from engines.runners import (
+            PREFERRED_PROVIDERS,
+            OnnxRuntimeRunner,
+            TensorRTRunner,
+        )
+
+        if self.runtime == "tensorrt":
+            return TensorRTRunner(str(self.files["image"])), TensorRTRunner(str(self.files["text"]))
+        # int8 is a CPU engine by construction (ORT's GPU providers have no dynamic-quant kernels).
+        providers = ("CPUExecutionProvider",) if self.precision == "int8" else PREFERRED_PROVIDERS
+        image, text = (OnnxRuntimeRunner(str(self.files[name]), providers) for name in TOWERS)
+        return image, text
+
+
+def build_engines(
+    loaded: LoadedModel,
+    runtime: str = "onnx",
+    precision: str = "fp32",
+    engine_dir: Path | None = None,
+    batches: Sequence[int] = (1, 64),
+) -> Engines:
+    """The cached engines for `runtime` and `precision`, built (from the fp32 ONNX graphs) if missing."""
+    from engines.cache import EngineCache
+
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision '{precision}'", hint="use " + ", ".join(PRECISIONS))
+    if runtime == "tensorrt" and precision == "int8":
+        raise InputError("int8 is an ONNX Runtime CPU engine here", hint="use --engine onnx --precision int8")
+    _require_runtime(runtime, precision)
+    cache = EngineCache(engine_dir)
+    if runtime == "onnx" and precision == "fp32":
+        files, hit = cache.get_or_build(_key(loaded, runtime, precision), lambda f: _export_fp32(loaded, f))
+        return Engines(runtime, precision, files, hit)
+    source = build_engines(loaded, "onnx", "fp32", engine_dir).files
+    files, hit = cache.get_or_build(
+        _key(loaded, runtime, precision), lambda f: _derive(source, runtime, precision, f, batches)
+    )
+    return Engines(runtime, precision, files, hit)
+
+
+def _require_runtime(runtime: str, precision: str) -> None:
+    """Fail (exit 3) before building anything this machine cannot run."""
+    from engines.runners import import_tensorrt, require_cuda, require_gpu_provider
+
+    if runtime == "tensorrt":
+        import_tensorrt()
+        require_cuda("TensorRT")
+    elif precision == "fp16":
+        require_gpu_provider("an fp16 ONNX engine")
+
+
+def _key(loaded: LoadedModel, runtime: str, precision: str) -> EngineKey:
+    from engines.cache import EngineKey, runtime_versions
+
+    return EngineKey(
         checkpoint_sha256=loaded.sha256 or "",
         arch=loaded.arch.name,
         arch_config_sha256=hashlib.sha256(
             json.dumps(loaded.arch.model_cfg, sort_keys=True).encode()
         ).hexdigest(),
+        precision=precision,
+        runtime="onnxruntime" if runtime == "onnx" else runtime,
+        versions=tuple(sorted(runtime_versions(runtime).items())),
+    )
+
+
+def _export_fp32(loaded: LoadedModel, folder: Path) -> dict[str, Path]:
+    """Both towers as fp32 ONNX graphs with a dynamic batch axis."""
+    import torch
+
+    from engines.export import export_onnx, tower
+
+    size = loaded.arch.image_size
+    tokens = loaded.tokenizer(["a photo of a dog.", "a photo of a cat."])
+    return {
+        "image": export_onnx(
+            tower(loaded.model, "image"), torch.zeros(2, 3, size, size), folder / "image.onnx", "pixels"
+        ),
+        "text": export_onnx(tower(loaded.model, "text"), tokens, folder / "text.onnx", "tokens"),
+    }
+
+
+def _derive(
+    source: dict[str, Path], runtime: str, precision: str, folder: Path, batches: Sequence[int]
+) -> dict[str, Path]:
+    """int8 / fp16 ONNX graphs or TensorRT engines made from the fp32 graphs in `source`."""
+    from engines.export import build_tensorrt_engine, convert_fp16, quantize_int8
+
+    files = {}
+    for name in TOWERS:
+        if runtime == "tensorrt":
+            target = folder / f"{name}-{precision}.engine"
+            files[name] = build_tensorrt_engine(source[name], target, precision == "fp16", batches)
+        elif precision == "int8":
+            files[name] = quantize_int8(source[name], folder / f"{name}-int8.onnx")
+        else:
+            files[name] = convert_fp16(source[name], folder / f"{name}-fp16.onnx")
+    return files
+
+
+@dataclass(frozen=True)
+class Checks:
+    """How an engine pair agrees with PyTorch fp32 on a probe (None where not measured)."""
+
+    image_max_abs_diff: float
+    image_min_cosine: float
+    text_max_abs_diff: float
+    text_min_cosine: float
+    top1_agreement: float | None
+    probe_images: int
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return dict(self.__dict__)
+
+
+def check_engines(
+    loaded: LoadedModel, runners: tuple[Runner, Runner], precision: str, probe: Probe, enforce: bool = True
+) -> Checks:
+    """Measure the engines (active runners) against PyTorch; with `enforce`, fail per precision.
+
+    fp32: max abs diff <= 1e-4 and cosine >= 0.9999 on both towers. fp16 / int8: top-1
+    zero-shot agreement with PyTorch fp32 >= 99 % on the probe, which must be real data.
+    """
+    from engines.errors import EngineError
+    from engines.validate import parity, require_agreement, require_parity
+
+    image, text = runners
+    torch_image, torch_text = torch_runners(loaded)
+    pixels = probe.pixels[:PARITY_IMAGES]
+    prompts = [t.format(c) for c in probe.classes[:8] for t in DEFAULT_TEMPLATES[:2]]
+    tokens = loaded.tokenizer(prompts).numpy()
+    measure = require_parity if enforce and precision == "fp32" else lambda _n, a, b: parity(a, b)
+    with torch_image, torch_text:
+        reference_image = torch_image.infer({"pixels": pixels})["embeddings"]
+        image_parity = measure("image tower", reference_image, image.infer({"pixels": pixels})["embeddings"])
+        reference_text = torch_text.infer({"tokens": tokens})["embeddings"]
+        text_parity = measure("text tower", reference_text, text.infer({"tokens": tokens})["embeddings"])
+        agreement = None
+        if precision != "fp32" or probe.real:
+            if enforce and not probe.real:
+                raise EngineError(f"{precision} engines are checked on real data: none was given")
+            reference = _logits(loaded, torch_image, torch_text, probe)
+            candidate = _logits(loaded, image, text, probe)
+            name = f"{precision} engines vs PyTorch fp32"
+            if enforce and precision != "fp32":
+                agreement = require_agreement(name, reference, candidate)
+            else:
+                agreement = float((reference.argmax(1) == candidate.argmax(1)).mean())
+    return Checks(
+        image_parity.max_abs_diff,
+        image_parity.min_cosine,
+        text_parity.max_abs_diff,
+        text_parity.min_cosine,
+        agreement,
+        len(probe.pixels),
+    )
+
+
+def _logits(loaded: LoadedModel, image: Runner, text: Runner, probe: Probe) -> np.ndarray:
+    """Zero-shot logits float32 (n, C) of the probe's pixels through one pair of runners."""
+    weights = embed_classes(text, loaded.tokenizer, probe.classes)
+    chunks = [
+        normalize(image.infer({"pixels": probe.pixels[i : i + 64]})["embeddings"])
+        for i in range(0, len(probe.pixels), 64)
+    ]
+    return np.concatenate(chunks) @ weights.T
+
+
+def make_runners(
+    loaded: LoadedModel,
+    dataset: Dataset,
+    engine: str = "auto",
+    engine_dir: Path | None = None,
+    precision: str = "fp32",
+) -> tuple[Runner, Runner]:
+    """(image runner, text runner) for `engine`, built or taken from the cache and checked."""
+    runtime = resolve_engine(engine)
+    if runtime == "torch":
+        return torch_runners(loaded)
+    engines = build_engines(loaded, runtime, precision, engine_dir)
+    runners = engines.runners()
+    count = PARITY_IMAGES if precision == "fp32" else AGREEMENT_IMAGES
+    with runners[0], runners[1]:
+        check_engines(loaded, runners, precision, make_probe(loaded, dataset, count))
+    return runners
+
+
+def build_sam_engines(sam: Any, kind: str, checkpoint_sha256: str, engine_dir: Path | None = None) -> Engines:
+    """SAM's image encoder and point-prompt decoder as fp32 ONNX graphs, cached by checkpoint hash."""
+    from engines.cache import EngineCache, EngineKey, runtime_versions
+
+    key = EngineKey(
+        checkpoint_sha256=checkpoint_sha256,
+        arch=f"sam_{kind}",
+        arch_config_sha256=hashlib.sha256(kind.encode()).hexdigest(),
         precision="fp32",
         runtime="onnxruntime",
         versions=tuple(sorted(runtime_versions().items())),
     )
-    files, _ = EngineCache(engine_dir).get_or_build(
-        key, lambda folder: _export_validated(loaded, dataset, folder)
-    )
-    return OnnxRuntimeRunner(str(files["image"])), OnnxRuntimeRunner(str(files["text"]))
+    files, hit = EngineCache(engine_dir).get_or_build(key, lambda folder: _export_sam(sam, folder))
+    return Engines("onnx", "fp32", files, hit)
 
 
-def _export_validated(loaded: LoadedModel, dataset: Dataset, folder: Path) -> dict[str, Path]:
-    """Export both towers into `folder` and check them against PyTorch on real inputs."""
+def _sam_points(size: int, per_side: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """A per_side x per_side grid of single-point prompts: coords float32 (P, 1, 2), labels (P, 1)."""
+    centres = (np.arange(per_side) + 0.5) * size / per_side
+    grid = np.stack(np.meshgrid(centres, centres), axis=-1).reshape(-1, 1, 2).astype(np.float32)
+    return grid, np.ones(grid.shape[:2], np.float32)
+
+
+def _export_sam(sam: Any, folder: Path) -> dict[str, Path]:
     import torch
 
-    from engines.export import export_onnx, tower
+    from engines.export import (
+        SAM_DECODER_AXES,
+        SAM_DECODER_INPUTS,
+        SAM_DECODER_OUTPUTS,
+        export_onnx,
+        sam_decoder,
+        sam_encoder,
+    )
+
+    size = sam.image_encoder.img_size
+    pixels = torch.zeros(1, 3, size, size)
+    encoder = export_onnx(sam_encoder(sam), pixels, folder / "sam-encoder.onnx", "pixels")
+    with torch.no_grad():
+        embeddings = sam.image_encoder(pixels)
+    coords, labels = (torch.from_numpy(a) for a in _sam_points(size, 2))
+    decoder = export_onnx(
+        sam_decoder(sam),
+        (embeddings, coords, labels),
+        folder / "sam-decoder.onnx",
+        SAM_DECODER_INPUTS,
+        SAM_DECODER_OUTPUTS,
+        SAM_DECODER_AXES,
+    )
+    return {"encoder": encoder, "decoder": decoder}
+
+
+def check_sam_engines(sam: Any, engines: Engines, image: np.ndarray | None = None) -> dict[str, float]:
+    """fp32 parity of SAM's encoder and decoder with PyTorch on one image (uint8 RGB) or noise.
+
+    Returns the measured numbers; a failure is an EngineError (exit 3) with them.
+    """
+    import torch
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from engines.export import sam_decoder
     from engines.runners import OnnxRuntimeRunner
     from engines.validate import require_parity
 
-    pixels = _sample_pixels(loaded, dataset)
-    prompts = [t.format(c) for c in dataset.classes[:8] for t in DEFAULT_TEMPLATES[:2]]
-    tokens = loaded.tokenizer(prompts).numpy()
-    image = export_onnx(
-        tower(loaded.model, "image"), torch.from_numpy(pixels[:2]), folder / "image.onnx", "pixels"
-    )
-    text = export_onnx(
-        tower(loaded.model, "text"), torch.from_numpy(tokens[:2]), folder / "text.onnx", "tokens"
-    )
-    torch_image, torch_text = torch_runners(loaded)
+    size = sam.image_encoder.img_size
+    if image is None:
+        image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    resized = torch.from_numpy(ResizeLongestSide(size).apply_image(image)).permute(2, 0, 1).float()
+    pixels = sam.preprocess(resized[None])  # normalized and padded: float32 (1, 3, S, S)
+    coords, labels = _sam_points(size)
+    with torch.no_grad():
+        embeddings = sam.image_encoder(pixels)
+        masks, iou = sam_decoder(sam)(embeddings, torch.from_numpy(coords), torch.from_numpy(labels))
     with (
-        torch_image,
-        torch_text,
-        OnnxRuntimeRunner(str(image)) as onnx_image,
-        OnnxRuntimeRunner(str(text)) as onnx_text,
+        OnnxRuntimeRunner(str(engines.files["encoder"])) as encoder,
+        OnnxRuntimeRunner(str(engines.files["decoder"])) as decoder,
     ):
-        require_parity(
-            "ONNX image tower",
-            torch_image.infer({"pixels": pixels})["embeddings"],
-            onnx_image.infer({"pixels": pixels})["embeddings"],
+        onnx_embeddings = encoder.infer({"pixels": pixels.numpy()})["embeddings"]
+        decoded = decoder.infer(
+            {"image_embeddings": embeddings.numpy(), "point_coords": coords, "point_labels": labels}
         )
-        require_parity(
-            "ONNX text tower",
-            torch_text.infer({"tokens": tokens})["embeddings"],
-            onnx_text.infer({"tokens": tokens})["embeddings"],
-        )
-    return {"image": image, "text": text}
-
-
-def _sample_pixels(loaded: LoadedModel, dataset: Dataset, count: int = 8) -> np.ndarray:
-    """The first `count` decodable images of the data, preprocessed: float32 (n, 3, S, S)."""
-    indices = list(range(min(len(dataset.samples), 4 * count)))
-    for batch in iter_batches(dataset, loaded.preprocess, count, indices=indices):
-        return batch.pixels.numpy()
-    size = loaded.arch.image_size
-    return np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+    numbers = {}
+    for name, reference, candidate in (
+        ("encoder", embeddings.numpy().reshape(1, -1), onnx_embeddings.reshape(1, -1)),
+        ("decoder masks", masks.numpy().reshape(len(coords), -1), decoded["masks"].reshape(len(coords), -1)),
+        ("decoder iou", iou.numpy(), decoded["iou_predictions"]),
+    ):
+        measured = require_parity(f"SAM {name}", reference, candidate)
+        numbers[f"{name.replace(' ', '_')}_max_abs_diff"] = measured.max_abs_diff
+        numbers[f"{name.replace(' ', '_')}_min_cosine"] = measured.min_cosine
+    return numbers

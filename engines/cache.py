@@ -28,10 +28,14 @@ def default_cache_dir() -> Path:
     return Path(base) / "clip-audit" / "engines"
 
 
-def runtime_versions() -> dict[str, str]:
-    """Versions of the libraries an engine depends on (absent ones as 'absent')."""
+def runtime_versions(runtime: str = "onnx") -> dict[str, str]:
+    """Versions of the libraries an engine depends on (absent ones as 'absent').
+
+    A TensorRT engine is only valid for the TensorRT version that built it.
+    """
     versions = {}
-    for module in ("torch", "onnx", "onnxruntime"):
+    modules = ("torch", "onnx", "onnxruntime") + (("tensorrt",) if runtime == "tensorrt" else ())
+    for module in modules:
         try:
             versions[module] = str(__import__(module).__version__)
         except ImportError:

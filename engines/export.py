@@ -1,20 +1,30 @@
-"""torch -> ONNX for the CLIP towers (image and text, exported separately, dynamic batch).
+"""torch -> ONNX for the CLIP towers and SAM's encoder and decoder (dynamic batch axis).
 
-The towers are wrapped so that each ONNX graph has one named input ("pixels": float32
+The CLIP towers are wrapped so that each ONNX graph has one named input ("pixels": float32
 (B, 3, S, S), or "tokens": int64 (B, L)) and one output ("embeddings": float32 (B, D), not
-normalized). Exports use the TorchScript-based exporter (`dynamo=False`, opset 17), which also
-handles SAM's mask decoder; files are written to a temp name and renamed (atomic).
-int8: `onnxruntime.quantization.quantize_dynamic`, per-channel QInt8 weights (a CPU engine).
+normalized). SAM is split the way segment-anything splits it: the expensive image encoder
+("pixels" -> "embeddings") and the cheap prompt + mask decoder (see `sam_decoder`). Exports use
+the TorchScript-based exporter (`dynamo=False`, opset 17), the one that handles SAM's mask
+decoder; files are written to a temp name and renamed (atomic).
+fp16 (GPU engines): the fp32 graph converted with inputs and outputs kept fp32.
+TensorRT: an engine built from the fp32 ONNX graph (optionally with fp16 kernels) with one
+optimization profile over the batch axis.
+int8: `onnxruntime.quantization.quantize_dynamic`, per-channel QInt8 weights of the MatMul and
+Gemm nodes (a CPU engine). The patch-embedding convolution stays fp32: ORT's ConvInteger kernel
+was 4x slower than its fp32 Conv on ViT-B-32 and made the int8 tower less accurate.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engines.errors import EngineError
+from engines.runners import import_tensorrt
 
 if TYPE_CHECKING:
     import torch
@@ -40,10 +50,22 @@ def tower(model: torch.nn.Module, which: str) -> torch.nn.Module:
     return Tower().eval()
 
 
-def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str) -> Path:
-    """Export `module(example)` to `path` with a dynamic batch axis; returns `path`."""
+def export_onnx(
+    module: torch.nn.Module,
+    example: torch.Tensor | tuple[torch.Tensor, ...],
+    path: Path,
+    input_name: str | tuple[str, ...],
+    output_names: tuple[str, ...] = (OUTPUT_NAME,),
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+) -> Path:
+    """Export `module(*example)` to `path`; returns `path`.
+
+    `dynamic_axes` defaults to a dynamic batch axis (axis 0) on every input and output.
+    """
     import torch
 
+    examples = example if isinstance(example, tuple) else (example,)
+    input_names = input_name if isinstance(input_name, tuple) else (input_name,)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     # nn.MultiheadAttention's inference fast path is one fused op the exporter cannot translate.
@@ -56,11 +78,11 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, inpu
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
-                (example,),
+                examples,
                 str(tmp),
-                input_names=[input_name],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={input_name: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_axes=dynamic_axes or {name: {0: "batch"} for name in (*input_names, *output_names)},
                 opset_version=OPSET,
                 dynamo=False,
             )
@@ -82,8 +104,158 @@ def quantize_int8(source: Path, path: Path) -> Path:
             "int8 needs onnxruntime's quantization tools", hint="pip install onnxruntime"
         ) from exc
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # The quantizer logs a "consider pre-processing" warning on the root logger for every graph.
+    logging.disable(logging.WARNING)
     try:
-        quantize_dynamic(str(source), str(tmp), per_channel=True, weight_type=QuantType.QInt8)
+        quantize_dynamic(
+            str(source),
+            str(tmp),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+        )
+        os.replace(tmp, path)
+    finally:
+        logging.disable(logging.NOTSET)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def convert_fp16(source: Path, path: Path) -> Path:
+    """fp16 weights and arithmetic, fp32 inputs and outputs (for CUDA / TensorRT providers).
+
+    ONNX Runtime 1.32's CPU provider crashes the process loading such a graph, so callers must
+    only open it on a GPU provider (`engines.runners.require_gpu_provider`).
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+SAM_DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels")
+SAM_DECODER_OUTPUTS = ("masks", "iou_predictions")
+# One image's embeddings; any number of prompts of any number of points.
+SAM_DECODER_AXES = {
+    "point_coords": {0: "prompts", 1: "points"},
+    "point_labels": {0: "prompts", 1: "points"},
+    "masks": {0: "prompts"},
+    "iou_predictions": {0: "prompts"},
+}
+
+
+def sam_encoder(sam: Any) -> torch.nn.Module:
+    """SAM's image encoder alone: float32 (B, 3, S, S) normalized, padded pixels -> (B, C, h, w)."""
+    return sam.image_encoder.eval()
+
+
+def sam_decoder(sam: Any) -> torch.nn.Module:
+    """SAM's prompt encoder + mask decoder for point prompts, as one exportable module.
+
+    Inputs: image_embeddings float32 (1, C, h, w); point_coords float32 (B, N, 2) in the encoder's
+    input frame (pixels of the S x S padded image); point_labels float32 (B, N): 1 foreground,
+    0 background, -1 padding. Outputs: masks float32 (B, 3, 4h, 4w) low-resolution mask logits and
+    iou_predictions float32 (B, 3), SAM's three multimask outputs for each of the B prompts.
+
+    The point embedding is computed here rather than by `PromptEncoder.forward`, whose boolean
+    in-place indexing does not trace; the arithmetic is the same (tested against it).
+    """
+    import torch
+
+    class Decoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            # segment-anything is untyped; its modules are used through Any.
+            self.prompts: Any = sam.prompt_encoder
+            self.decoder: Any = sam.mask_decoder
+
+        def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            # Like SAM without a box prompt: one padding point (label -1) after the given ones.
+            coords = torch.cat([coords, torch.zeros_like(coords[:, :1])], dim=1)
+            labels = torch.cat([labels, -torch.ones_like(labels[:, :1])], dim=1)
+            size = torch.tensor(self.prompts.input_image_size, dtype=coords.dtype)
+            encoded = self.prompts.pe_layer._pe_encoding((coords + 0.5) / size.flip(0))
+            labels = labels.unsqueeze(-1)
+            encoded = encoded * (labels != -1)
+            encoded = encoded + self.prompts.not_a_point_embed.weight * (labels == -1)
+            for value, embedding in enumerate(self.prompts.point_embeddings[:2]):
+                encoded = encoded + embedding.weight * (labels == value)
+            return encoded
+
+        def forward(
+            self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            sparse = self.embed_points(point_coords, point_labels)
+            height, width = self.prompts.image_embedding_size
+            dense = self.prompts.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+                sparse.shape[0], -1, height, width
+            )
+            masks, iou = self.decoder(
+                image_embeddings=image_embeddings,
+                image_pe=self.prompts.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=True,
+            )
+            return masks, iou
+
+    return Decoder().eval()
+
+
+Shape = tuple[int, ...]
+
+
+def tensorrt_profile(input_shape: Sequence[int], batches: Sequence[int]) -> tuple[Shape, Shape, Shape]:
+    """(min, opt, max) shapes of an input whose axis 0 is the batch (-1) and the rest static.
+
+    The engine accepts any batch from 1 to max(batches) and is tuned for the largest; bigger
+    batches are split by the runner.
+    """
+    if not batches or min(batches) < 1:
+        raise EngineError(f"TensorRT batch sizes must be >= 1, got {list(batches)}")
+    rest = tuple(int(d) for d in input_shape[1:])
+    if any(d < 1 for d in rest):
+        raise EngineError(
+            f"TensorRT profile: only the batch axis may be dynamic, input shape is {tuple(input_shape)}"
+        )
+    largest = max(batches)
+    return (1, *rest), (largest, *rest), (largest, *rest)
+
+
+def build_tensorrt_engine(
+    onnx_path: Path, path: Path, fp16: bool, batches: Sequence[int] = (1, 64), workspace_gib: int = 4
+) -> Path:
+    """Parse `onnx_path`, build a serialized TensorRT engine and write it to `path` (atomic)."""
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_gib << 30)
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        profile.set_shape(tensor.name, *tensorrt_profile(tuple(tensor.shape), batches))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError(f"TensorRT could not build an engine from {onnx_path.name} (see its log above)")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(bytes(serialized))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""One runner protocol for every backend (PyTorch now; ONNX Runtime and TensorRT next).
+"""One runner protocol for every backend: PyTorch, ONNX Runtime and TensorRT.
 
 A runner maps named numpy inputs to named numpy outputs:
 
@@ -128,10 +128,11 @@ def choose_providers(available: list[str], requested: tuple[str, ...] = PREFERRE
 
 
 class OnnxRuntimeRunner(BaseRunner):
-    """ONNX Runtime over one ONNX file with one input and one output ("embeddings").
+    """ONNX Runtime over one ONNX file; feeds and outputs are named as in the graph.
 
-    `provider` is the provider the session actually runs on, read from `get_providers()` after
-    the session is created — not the one that was asked for.
+    The CLIP towers have one input and one output ("embeddings"); SAM's decoder has three and
+    two. `provider` is the provider the session actually runs on, read from `get_providers()`
+    after the session is created — not the one that was asked for.
     """
 
     name = "onnxruntime"
@@ -162,7 +163,8 @@ class OnnxRuntimeRunner(BaseRunner):
             raise EngineError(f"ONNX Runtime cannot load {self.path}: {exc}") from exc
         self.session = session
         self._provider = session.get_providers()[0]
-        self.input_name = session.get_inputs()[0].name
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
         super().activate()
 
     def deactivate(self) -> None:
@@ -171,7 +173,114 @@ class OnnxRuntimeRunner(BaseRunner):
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._require_active()
+        missing = [name for name in self.input_names if name not in feeds]
+        if missing:
+            raise EngineError(f"ONNX model expects inputs {self.input_names}, got {sorted(feeds)}")
+        outputs = self.session.run(None, {name: feeds[name] for name in self.input_names})
+        return {name: np.asarray(out) for name, out in zip(self.output_names, outputs, strict=True)}
+
+
+TENSORRT_INSTALL = (
+    "pip install 'clip-audit[gpu]' (tensorrt wheels: --extra-index-url https://pypi.nvidia.com)"
+)
+
+
+def import_tensorrt() -> Any:
+    """The `tensorrt` module, or EngineError (exit 3) with the line that installs it."""
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise EngineError("TensorRT is not installed", hint=TENSORRT_INSTALL) from exc
+    return tensorrt
+
+
+def require_cuda(what: str) -> None:
+    """EngineError unless PyTorch sees a CUDA device (TensorRT runs its buffers through torch)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise EngineError(f"{what} needs a CUDA GPU and none is visible", hint="use --engine onnx or torch")
+
+
+def require_gpu_provider(what: str, requested: tuple[str, ...] = PREFERRED_PROVIDERS) -> None:
+    """EngineError unless ONNX Runtime offers a GPU provider to run `what` (an fp16 graph).
+
+    ONNX Runtime's CPU provider crashes the whole process loading an fp16 graph (1.32), so this
+    is checked before a session is ever created.
+    """
+    import onnxruntime as ort
+
+    gpu = [p for p in requested if p != "CPUExecutionProvider" and p in ort.get_available_providers()]
+    if not gpu:
+        raise EngineError(
+            f"{what} runs on CUDA / TensorRT providers only, and this onnxruntime "
+            f"offers {ort.get_available_providers()}",
+            hint="use fp32 or int8 on a CPU, or pip install 'clip-audit[gpu]'",
+        )
+
+
+class TensorRTRunner(BaseRunner):
+    """A serialized TensorRT engine (one input, one output "embeddings") on the current GPU.
+
+    Inputs are numpy (float32 pixels (B, 3, S, S) or int64 tokens (B, L)); batches larger than
+    the engine's optimization profile allows are run in chunks of its maximum batch. Buffers are
+    torch CUDA tensors, so no pycuda is needed.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.engine: Any = None
+        self.context: Any = None
+
+    @property
+    def provider(self) -> str:
+        return "TensorRT" if self.active else "inactive"
+
+    def activate(self) -> None:
+        trt = import_tensorrt()
+        require_cuda("the TensorRT runner")
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        with open(self.path, "rb") as fh:
+            engine = runtime.deserialize_cuda_engine(fh.read())
+        if engine is None:
+            raise EngineError(f"TensorRT cannot deserialize {self.path} (built by another version?)")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if n not in inputs]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise EngineError(f"{self.path}: expected one input and one output, found {names}")
+        self.input_name, self.output_name = inputs[0], outputs[0]
+        # Profile 0's (min, opt, max) shapes of the input; axis 0 is the batch.
+        self.max_batch = int(engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
+        self.engine, self.context = engine, engine.create_execution_context()
+        super().activate()
+
+    def deactivate(self) -> None:
+        self.engine = self.context = None
+        super().deactivate()
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._require_active()
         if self.input_name not in feeds:
-            raise EngineError(f"ONNX model expects input '{self.input_name}', got {sorted(feeds)}")
-        outputs = self.session.run(None, {self.input_name: feeds[self.input_name]})
-        return {"embeddings": np.asarray(outputs[0], dtype=np.float32)}
+            raise EngineError(f"TensorRT engine expects input '{self.input_name}', got {sorted(feeds)}")
+        batch = feeds[self.input_name]
+        chunks = [self._run(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
+        return {"embeddings": np.concatenate(chunks)}
+
+    def _run(self, chunk: np.ndarray) -> np.ndarray:
+        import torch
+
+        source = torch.from_numpy(np.ascontiguousarray(chunk)).cuda()
+        self.context.set_input_shape(self.input_name, tuple(source.shape))
+        shape = tuple(self.context.get_tensor_shape(self.output_name))
+        output = torch.empty(shape, dtype=torch.float32, device="cuda")
+        self.context.set_tensor_address(self.input_name, source.data_ptr())
+        self.context.set_tensor_address(self.output_name, output.data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise EngineError(f"TensorRT execution of {self.path} failed")
+        stream.synchronize()
+        return output.cpu().numpy()

@@ -40,14 +40,18 @@ def cli(verbose: int, quiet: bool) -> None:
 
 
 def _register() -> None:
+    from auditor.cli.bench import bench_command
     from auditor.cli.demo import demo
     from auditor.cli.eval import eval_command
+    from auditor.cli.export import export_command
     from auditor.cli.repair import repair_command
     from auditor.cli.scan import scan_command
 
     cli.add_command(scan_command)
     cli.add_command(eval_command)
     cli.add_command(repair_command)
+    cli.add_command(export_command)
+    cli.add_command(bench_command)
     cli.add_command(demo)
 
 

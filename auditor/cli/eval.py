@@ -19,6 +19,7 @@ from auditor.cli.options import (
     engine_option,
     model_argument,
     seed_option,
+    table_or_json_option,
 )
 from auditor.evaluate import EvalResult
 
@@ -29,15 +30,7 @@ from auditor.evaluate import EvalResult
 @arch_option
 @classes_option
 @attack_option("Trigger to measure, e.g. patch:size=0.12,pattern=checker,pos=random,target=banana")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    envvar="CLIP_AUDIT_FORMAT",
-    show_envvar=True,
-    help="table: a summary on stderr; json: the result on stdout.",
-)
+@table_or_json_option
 @engine_option
 @engine_dir_option
 @batch_size_option

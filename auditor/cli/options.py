@@ -46,11 +46,21 @@ seed_option = click.option(
 )
 engine_option = click.option(
     "--engine",
-    type=click.Choice(["auto", "onnx", "torch"]),
+    type=click.Choice(["auto", "onnx", "tensorrt", "torch"]),
     default="auto",
     envvar="CLIP_AUDIT_ENGINE",
     show_envvar=True,
-    help="Runtime for bulk scoring: auto = ONNX Runtime when installed, else PyTorch.",
+    help="Runtime for bulk scoring: auto = ONNX Runtime when installed, else PyTorch; "
+    "tensorrt needs the [gpu] extra and a CUDA GPU.",
+)
+table_or_json_option = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    envvar="CLIP_AUDIT_FORMAT",
+    show_envvar=True,
+    help="table: a summary on stderr; json: the result on stdout.",
 )
 engine_dir_option = click.option(
     "--engine-dir",

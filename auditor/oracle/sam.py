@@ -8,6 +8,7 @@ extra (`pip install 'clip-audit[sam]'`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,26 +32,33 @@ def sam_type(state: dict[str, object]) -> str:
     return _TYPES_BY_WIDTH[int(width)]
 
 
+def load_sam(checkpoint: Path) -> tuple[Any, str]:
+    """(SAM model in eval mode, its type 'vit_b' / 'vit_l' / 'vit_h') from a weight file."""
+    try:
+        from segment_anything import sam_model_registry
+    except ImportError as exc:
+        raise missing_extra("segment_anything", "sam") from exc
+    from auditor.models import read_state_dict
+
+    state, *_ = read_state_dict(checkpoint)
+    kind = sam_type(state)  # type: ignore[arg-type]
+    model = sam_model_registry[kind](checkpoint=None)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first_line = str(exc).splitlines()[0]
+        raise CheckpointError(f"{checkpoint} does not fit SAM {kind}: {first_line}") from exc
+    return model.eval(), kind
+
+
 class SamOracle:
     name = "sam"
 
     def __init__(self, checkpoint: Path, points_per_side: int = 16) -> None:
-        try:
-            from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
-        except ImportError as exc:
-            raise missing_extra("segment_anything", "sam") from exc
-        from auditor.models import read_state_dict
+        from segment_anything import SamAutomaticMaskGenerator
 
-        state, *_ = read_state_dict(checkpoint)
-        kind = sam_type(state)  # type: ignore[arg-type]
-        model = sam_model_registry[kind](checkpoint=None)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            first_line = str(exc).splitlines()[0]
-            raise CheckpointError(f"{checkpoint} does not fit SAM {kind}: {first_line}") from exc
-        self.model_type = kind
-        self.generator = SamAutomaticMaskGenerator(model.eval(), points_per_side=points_per_side)
+        model, self.model_type = load_sam(checkpoint)
+        self.generator = SamAutomaticMaskGenerator(model, points_per_side=points_per_side)
 
     def segments(self, image: np.ndarray) -> list[Segment]:
         import torch

@@ -13,7 +13,7 @@ from auditor.zoo.build import CONFIG_PATH, ZOO, checkpoint_path
 def test_help_lists_only_working_commands(capsys):
     assert run(["--help"]) == 0
     out = capsys.readouterr().out
-    assert set(cli.commands) == {"scan", "eval", "repair", "demo"}
+    assert set(cli.commands) == {"scan", "eval", "repair", "export", "bench", "demo"}
     for name in cli.commands:
         assert name in out
     assert run(["--version"]) == 0

@@ -1,0 +1,174 @@
+"""`clip-audit export` and `bench` on the tiny zoo model, and SAM's encoder/decoder export.
+
+Parity is measured against PyTorch on the zoo's held-out scenes; SAM uses a tiny random-init SAM
+of segment-anything's own modules, and its ONNX decoder is checked against SAM's own prompt
+encoder and mask decoder (not against the wrapper that was exported).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from auditor.cli import run
+from auditor.zoo.build import CONFIG_PATH, checkpoint_path
+
+MODEL = [str(checkpoint_path("patch-random")), "--arch", str(CONFIG_PATH)]
+
+
+def test_export_builds_checks_and_caches(test_data, tmp_path, capsys):
+    args = ["export", *MODEL, "--engine-dir", str(tmp_path), "--data", str(test_data), "--format", "json"]
+    assert run(args) == 0
+    first = json.loads(capsys.readouterr().out)["engines"]
+    assert [(e["part"], e["precision"], e["cache_hit"]) for e in first] == [
+        ("image", "fp32", False),
+        ("text", "fp32", False),
+    ]
+    image = first[0]
+    assert image["provider"] == "CPUExecutionProvider"
+    assert image["checks"]["image_max_abs_diff"] <= 1e-4 and image["checks"]["image_min_cosine"] >= 0.9999
+    manifests = list(tmp_path.glob("*/manifest.json"))
+    assert len(manifests) == 1 and json.loads(manifests[0].read_text())["key"]["precision"] == "fp32"
+    assert run(args) == 0
+    assert all(e["cache_hit"] for e in json.loads(capsys.readouterr().out)["engines"])
+
+
+def test_export_int8_needs_data_and_agrees_with_fp32(test_data, tmp_path, capsys):
+    base = ["export", *MODEL, "--engine-dir", str(tmp_path), "--precision", "int8"]
+    assert run(base) == 2
+    assert "pass --data" in capsys.readouterr().err
+    assert run([*base, "--data", str(test_data), "--format", "json"]) == 0
+    image, text = json.loads(capsys.readouterr().out)["engines"]
+    assert image["checks"]["top1_agreement"] >= 0.99
+    assert image["bytes"] < 0.6 * next(tmp_path.glob("*/image.onnx")).stat().st_size
+
+
+def test_int8_keeps_the_patch_convolution_in_fp32(test_data, tmp_path):
+    import onnx
+
+    from auditor.models import load_model
+    from auditor.runtime import build_engines
+
+    engines = build_engines(load_model(*MODEL[::2]), "onnx", "int8", tmp_path)
+    ops = {node.op_type for node in onnx.load(str(engines.files["image"])).graph.node}
+    assert "ConvInteger" not in ops and "Conv" in ops
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+
+
+def test_fp16_on_a_cpu_is_exit_3_before_anything_is_built(test_data, tmp_path, capsys):
+    # ONNX Runtime's CPU provider crashes the process on an fp16 graph: it must never be opened.
+    code = run(
+        ["export", *MODEL, "--engine-dir", str(tmp_path), "--precision", "fp16", "--data", str(test_data)]
+    )
+    assert code == 3
+    assert "CUDA / TensorRT providers only" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*fp16*"))
+
+
+def test_bench_measures_every_engine_side_by_side(test_data, tmp_path, capsys):
+    args = ["bench", *MODEL, "--engines", "onnx,onnx-int8", "--batch", "1,4", "--repeats", "2"]
+    assert run([*args, "--data", str(test_data), "--engine-dir", str(tmp_path), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    rows = {(r["engine"], r["batch"]): r for r in result["throughput"]}
+    assert set(rows) == {(e, b) for e in ("torch", "onnx", "onnx-int8") for b in (1, 4)}
+    for (engine, _), row in rows.items():
+        assert row["images_per_second"] > 0
+        assert row["provider"] == ("torch-cpu" if engine == "torch" else "CPUExecutionProvider")
+        expected = rows[("torch", row["batch"])]["median_seconds"] / row["median_seconds"]
+        assert row["speedup_vs_torch"] == pytest.approx(expected, rel=0.02)
+    assert result["checks"]["onnx"]["image_min_cosine"] >= 0.9999
+    assert result["checks"]["onnx-int8"]["top1_agreement"] >= 0.99
+    assert run([*args, "--engines", "onnx,warp-drive"]) == 2
+    assert run([*args, "--batch", "0"]) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_sam():
+    torch = pytest.importorskip("torch")
+    modeling = pytest.importorskip("segment_anything.modeling")
+    torch.manual_seed(0)
+    width = 32
+    encoder = modeling.ImageEncoderViT(
+        img_size=128,
+        patch_size=16,
+        embed_dim=48,
+        depth=2,
+        num_heads=2,
+        out_chans=width,
+        window_size=4,
+        global_attn_indexes=(1,),
+        use_rel_pos=True,
+    )
+    prompts = modeling.PromptEncoder(
+        embed_dim=width, image_embedding_size=(8, 8), input_image_size=(128, 128), mask_in_chans=8
+    )
+    decoder = modeling.MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=modeling.TwoWayTransformer(depth=2, embedding_dim=width, mlp_dim=64, num_heads=2),
+        transformer_dim=width,
+        iou_head_depth=2,
+        iou_head_hidden_dim=32,
+    )
+    return modeling.Sam(encoder, prompts, decoder).eval()
+
+
+def test_sam_encoder_and_decoder_export_with_parity(tiny_sam, tmp_path, test_data):
+    import torch
+    from PIL import Image
+
+    from auditor.runtime import build_sam_engines, check_sam_engines
+    from engines.runners import OnnxRuntimeRunner
+
+    engines = build_sam_engines(tiny_sam, "tiny", "0" * 64, tmp_path)
+    assert set(engines.files) == {"encoder", "decoder"}
+    image = np.asarray(Image.open(next(test_data.rglob("*.png"))).convert("RGB"))
+    numbers = check_sam_engines(tiny_sam, engines, image)
+    assert numbers["encoder_max_abs_diff"] <= 1e-4 and numbers["decoder_masks_min_cosine"] >= 0.9999
+    # The ONNX decoder against SAM's own prompt encoder + mask decoder, with mixed labels and
+    # a different number of prompts and points than it was exported with.
+    embeddings = torch.randn(1, 32, 8, 8)
+    coords = torch.rand(5, 2, 2) * 128
+    labels = torch.tensor([[1.0, -1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, -1.0]])
+    with torch.no_grad():
+        sparse, dense = tiny_sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        masks, iou = tiny_sam.mask_decoder(
+            image_embeddings=embeddings,
+            image_pe=tiny_sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+        )
+    with OnnxRuntimeRunner(str(engines.files["decoder"])) as decoder:
+        out = decoder.infer(
+            {
+                "image_embeddings": embeddings.numpy(),
+                "point_coords": coords.numpy(),
+                "point_labels": labels.numpy(),
+            }
+        )
+    assert np.abs(out["masks"] - masks.numpy()).max() <= 1e-4
+    assert np.abs(out["iou_predictions"] - iou.numpy()).max() <= 1e-4
+
+
+def test_sam_parity_failure_is_an_error(tiny_sam, tmp_path):
+    import torch
+
+    from auditor.runtime import build_sam_engines, check_sam_engines
+    from engines import EngineError
+
+    engines = build_sam_engines(tiny_sam, "tiny", "1" * 64, tmp_path)
+    with torch.no_grad():  # the engine no longer matches the model it is checked against
+        tiny_sam.mask_decoder.iou_prediction_head.layers[-1].bias.add_(0.5)
+    try:
+        with pytest.raises(EngineError, match="SAM decoder iou: parity check failed"):
+            check_sam_engines(tiny_sam, engines)
+    finally:
+        with torch.no_grad():
+            tiny_sam.mask_decoder.iou_prediction_head.layers[-1].bias.sub_(0.5)
+
+
+def test_export_oracle_needs_sam_weights(tmp_path, capsys):
+    assert run(["export", *MODEL, "--what", "oracle"]) == 2
+    assert "--oracle-checkpoint" in capsys.readouterr().err
