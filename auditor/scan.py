@@ -11,13 +11,13 @@ writes the files (`auditor.outputs`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from auditor import __version__
-from auditor.data import Batch, Dataset, iter_batches, load_image, pil_to_array
+from auditor.data import Dataset, iter_batches, load_image, pil_to_array
 from auditor.models import LoadedModel
 from auditor.oracle import Oracle
 from auditor.report import (
@@ -30,6 +30,7 @@ from auditor.report import (
     TriggerInfo,
     VictimInfo,
 )
+from auditor.scan_cache import ScanCache
 from auditor.scoring import Scores, ZeroShotScorer, make_scorer, torch_runners
 from auditor.trigger import ImageCheck, ScoreFn, ablate_segment, check_images
 from auditor.victims import (
@@ -100,6 +101,7 @@ class _Context:
         )
         self.images_scored = 0
         self.label_objects: ScoreFn | None = None
+        self.cache: ScanCache | None = None
 
     def image(self, index: int) -> np.ndarray:
         return pil_to_array(load_image(self.dataset.absolute(self.dataset.samples[index])))
@@ -120,11 +122,14 @@ def scan(
     progress: Progress | None = None,
     reference: LoadedModel | None = None,
     runners: tuple[Runner, Runner] | None = None,
+    cache: ScanCache | None = None,
 ) -> ScanResult:
     """Audit `loaded` on `dataset`; see the module docstring for the stages.
 
     `reference`, a clean model the user trusts, labels the oracle's objects instead of `loaded`.
     `runners`: (image, text) runners for bulk scoring (`auditor.runtime`); default PyTorch.
+    `cache`: where stage 0's scores and the oracle checks are kept as they are computed, and
+    found again by a rerun (`auditor.scan_cache`); `cost.images_scored` counts only new work.
     """
     tick = progress or (lambda stage, n, total: None)
     seconds: dict[str, float] = {}
@@ -133,11 +138,10 @@ def scan(
         started = time.perf_counter()
         scorer = make_scorer(loaded, dataset.classes, image_runner, text_runner)
         ctx = _Context(loaded, dataset, scorer, oracle, config)
+        ctx.cache = cache
         if reference is not None:
             ctx.label_objects = _reference_scorer(reference, dataset.classes, config)
-        batches = iter_batches(dataset, loaded.preprocess, config.batch_size)
-        scores = scorer.score_batches(_counting(batches, lambda n: tick("scoring", n, len(dataset.samples))))
-        ctx.images_scored += len(scores.indices)
+        scores = _score_all(ctx, tick)
         seconds["scoring"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -162,10 +166,35 @@ def _reference_scorer(reference: LoadedModel, classes: list[str], config: ScanCo
     return lambda images: scorer.probabilities(images, reference.preprocess, config.batch_size * 2)
 
 
-def _counting(batches: Iterable[Batch], advance: Callable[[int], None]) -> Iterator[Batch]:
-    for batch in batches:
-        yield batch
-        advance(len(batch.indices))
+def _score_all(ctx: _Context, tick: Progress) -> Scores:
+    """Stage 0: every image scored once, in fixed batches of data indices (cached one by one).
+
+    A batch is a fixed range of indices, whatever in it fails to decode, so that a resumed scan
+    scores exactly the batches an uninterrupted one would (same numbers, to the last bit).
+    """
+    dataset, size = ctx.dataset, ctx.config.batch_size
+    total = len(dataset.samples)
+    parts = []
+    for start in range(0, total, size):
+        cached = ctx.cache.load_scores(start) if ctx.cache else None
+        if cached is not None:
+            part, skipped = cached
+            dataset.skipped.extend(skipped)
+        else:
+            known = len(dataset.skipped)
+            indices = list(range(start, min(total, start + size)))
+            part = ctx.scorer.score_batches(
+                iter_batches(dataset, ctx.loaded.preprocess, size, indices=indices)
+            )
+            ctx.images_scored += len(part.indices)
+            if ctx.cache:
+                ctx.cache.save_scores(start, part, dataset.skipped[known:])
+        parts.append(part)
+        tick("scoring", min(size, total - start), total)
+    if not parts:
+        return ctx.scorer.score_batches([])
+    columns = [(p.indices, p.embeddings, p.topk, p.probs) for p in parts]
+    return Scores(*(np.concatenate(column) for column in zip(*columns, strict=True)))
 
 
 def _full_probs(scores: Scores, n_classes: int) -> dict[int, np.ndarray]:
@@ -211,11 +240,17 @@ def _run_checks(
     checks: dict[int, ImageCheck],
     advance: Callable[[int], None],
 ) -> None:
-    chunk = 16  # images whose crops and ablations are scored together
+    chunk = 16  # images whose crops and ablations are scored together (and cached together)
     for start in range(0, len(indices), chunk):
         part = indices[start : start + chunk]
-        items = [(i, ctx.image(i), probs[i]) for i in part]
-        for check in check_images(items, ctx.oracle, ctx.score, ctx.label_objects):
+        found = ctx.cache.load_checks(part) if ctx.cache else None
+        if found is None:
+            before = ctx.images_scored
+            items = [(i, ctx.image(i), probs[i]) for i in part]
+            found = check_images(items, ctx.oracle, ctx.score, ctx.label_objects)
+            if ctx.cache:
+                ctx.cache.save_checks(part, found, ctx.images_scored - before)
+        for check in found:
             checks[check.index] = check
         advance(len(part))
 

@@ -112,11 +112,12 @@ def scan_command(
 ) -> int:
     """Audit MODEL on DATA: exit 1 if a backdoor is found (see --fail-on), else 0."""
     from auditor.data import open_dataset
-    from auditor.models import load_model
+    from auditor.models import load_model, sha256_file
     from auditor.oracle import make_oracle
     from auditor.report import FORMATS
-    from auditor.runtime import make_runners
+    from auditor.runtime import make_runners, resolve_engine
     from auditor.scan import ScanConfig, scan
+    from auditor.scan_cache import open_scan_cache
 
     if fmt == "html" and out is None:
         raise click.UsageError("--format html writes DIR/report.html: pass --out DIR")
@@ -127,9 +128,29 @@ def scan_command(
     config = ScanConfig(per_class=per_class, seed=seed, batch_size=batch_size)
     runners = make_runners(loaded, dataset, engine, engine_dir)
     state.debug(f"scoring on {engine}: {runners[0].name}")
+    cache = None
+    if out is not None:
+        cache = open_scan_cache(
+            out,
+            loaded=loaded,
+            dataset=dataset,
+            config=config,
+            oracle=[oracle, oracle_points, sha256_file(oracle_checkpoint) if oracle_checkpoint else None],
+            reference=reference_model.sha256 if reference_model else None,
+            engine=resolve_engine(engine),
+        )
+        if any(cache.folder.glob("*.npz")):
+            state.info(f"resuming: {cache.images_scored()} image scorings found in {cache.folder}")
     with state.stage_progress() as tick:
         result = scan(
-            loaded, dataset, the_oracle, config, progress=tick, reference=reference_model, runners=runners
+            loaded,
+            dataset,
+            the_oracle,
+            config,
+            progress=tick,
+            reference=reference_model,
+            runners=runners,
+            cache=cache,
         )
     report = result.report
     if out is not None:

@@ -1,0 +1,191 @@
+"""Resumable scans: stage 0's scores and Algorithm 1's checks, persisted in `--out` as computed.
+
+Layout: `OUT/.scan-cache/key.json` (what the cache belongs to) and one file per finished unit of
+work: `scores-<first index>.npz` (one batch of stage 0) and `checks-<digest>.npz` (one chunk of
+oracle checks, named by the data indices it covers). Each file is written atomically, so a scan
+killed at any point leaves only whole files; a rerun with the same inputs loads them and computes
+only what is missing. The key hashes everything the results depend on — checkpoint, every data
+file's bytes and label, the class vocabulary, the scan settings, oracle, reference model, engine
+and tool version — and a cache made for another key is deleted, never mixed in. Files are numpy
+archives read with `allow_pickle=False`: the cache is data, never code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import zipfile
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from auditor import __version__
+from auditor.data import Dataset, Skipped
+from auditor.oracle import Segment
+from auditor.scoring import Scores
+from auditor.trigger import ImageCheck
+from engines.cache import file_sha256
+
+if TYPE_CHECKING:
+    from auditor.models import LoadedModel
+
+CACHE_DIR = ".scan-cache"
+KEY_FILE = "key.json"
+
+
+def data_fingerprint(dataset: Dataset) -> str:
+    """SHA-256 over every sample's path, claimed label and file bytes (missing files included)."""
+    digest = hashlib.sha256()
+    for sample in dataset.samples:
+        path = dataset.absolute(sample)
+        try:
+            content = file_sha256(path)
+        except OSError as exc:
+            content = f"unreadable: {type(exc).__name__}"
+        digest.update(json.dumps([sample.path, sample.label, content]).encode())
+    digest.update(json.dumps(list(dataset.classes)).encode())
+    return digest.hexdigest()
+
+
+def open_scan_cache(
+    out: Path, loaded: LoadedModel, dataset: Dataset, config: object, **settings: object
+) -> ScanCache:
+    """The cache in `out` for this model, data, scan config (a dataclass) and other `settings`."""
+    key = {
+        "tool_version": __version__,
+        "checkpoint_sha256": loaded.sha256,
+        "arch": loaded.arch.name,
+        "arch_config": loaded.arch.model_cfg,
+        "data": data_fingerprint(dataset),
+        "config": asdict(config),  # type: ignore[call-overload]
+        **settings,
+    }
+    return ScanCache(out / CACHE_DIR, key)
+
+
+class ScanCache:
+    """One scan's persisted results in `folder`, valid for `key` only."""
+
+    def __init__(self, folder: Path, key: dict[str, object]) -> None:
+        self.folder = folder
+        self.key = json.loads(json.dumps(key, sort_keys=True))
+        self._open()
+
+    def _open(self) -> None:
+        key_path = self.folder / KEY_FILE
+        try:
+            found = json.loads(key_path.read_text())
+        except (OSError, ValueError):
+            found = None
+        if found != self.key:  # another scan's results (or a damaged cache): start afresh
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder.mkdir(parents=True)
+            _write_atomic(key_path, json.dumps(self.key, indent=1, sort_keys=True).encode())
+
+    # --- stage 0 ------------------------------------------------------------------------
+    def load_scores(self, start: int) -> tuple[Scores, list[Skipped]] | None:
+        raw = self._load(f"scores-{start:08d}.npz")
+        if raw is None:
+            return None
+        skipped = [Skipped(path, reason) for path, reason in json.loads(str(raw["skipped"]))]
+        return Scores(raw["indices"], raw["embeddings"], raw["topk"], raw["probs"]), skipped
+
+    def save_scores(self, start: int, scores: Scores, skipped: Sequence[Skipped]) -> None:
+        self._save(
+            f"scores-{start:08d}.npz",
+            indices=scores.indices,
+            embeddings=scores.embeddings,
+            topk=scores.topk,
+            probs=scores.probs,
+            skipped=np.array(json.dumps([[s.path, s.reason] for s in skipped])),
+            images_scored=np.array(len(scores.indices)),
+        )
+
+    # --- stages 1-2: Algorithm 1 ----------------------------------------------------------
+    def load_checks(self, indices: Sequence[int]) -> list[ImageCheck] | None:
+        raw = self._load(_checks_name(indices))
+        if raw is None:
+            return None
+        checks = []
+        for i, fields in enumerate(json.loads(str(raw["checks"]))):
+            candidate = None
+            if fields.pop("candidate"):
+                mask = raw[f"mask_{i}"]
+                candidate = Segment(mask, tuple(raw[f"box_{i}"].tolist()), float(mask.mean()))
+            fields["object_labels"] = tuple(fields["object_labels"])
+            checks.append(ImageCheck(candidate=candidate, **fields))
+        return checks
+
+    def save_checks(self, indices: Sequence[int], checks: Sequence[ImageCheck], images_scored: int) -> None:
+        arrays: dict[str, np.ndarray] = {}
+        fields = []
+        for i, check in enumerate(checks):
+            fields.append(
+                {
+                    "index": check.index,
+                    "pred": check.pred,
+                    "object_labels": list(check.object_labels),
+                    "disagrees": check.disagrees,
+                    "candidate": check.candidate is not None,
+                    "flip": check.flip,
+                    "ablated_pred": check.ablated_pred,
+                    "oracle_label": check.oracle_label,
+                }
+            )
+            if check.candidate is not None:
+                arrays[f"mask_{i}"] = check.candidate.mask
+                arrays[f"box_{i}"] = np.asarray(check.candidate.box, np.float64)
+        self._save(
+            _checks_name(indices),
+            checks=np.array(json.dumps(fields, default=_plain)),
+            images_scored=np.array(images_scored),
+            **arrays,
+        )
+
+    def images_scored(self) -> int:
+        """How many image scorings the cached results stand for (what a rerun saves)."""
+        total = 0
+        for path in sorted(self.folder.glob("*.npz")):
+            raw = self._load(path.name)
+            total += int(raw["images_scored"]) if raw is not None else 0
+        return total
+
+    # --- files ---------------------------------------------------------------------------
+    def _load(self, name: str) -> dict[str, np.ndarray] | None:
+        path = self.folder / name
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return {k: archive[k] for k in archive.files}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged: recompute it
+            path.unlink(missing_ok=True)
+            return None
+
+    def _save(self, name: str, **arrays: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
+        _write_atomic(self.folder / name, buffer.getvalue())
+
+
+def _checks_name(indices: Sequence[int]) -> str:
+    digest = hashlib.sha256(json.dumps([int(i) for i in indices]).encode()).hexdigest()[:24]
+    return f"checks-{digest}.npz"
+
+
+def _plain(value: object) -> object:
+    """numpy scalars in ImageCheck fields -> JSON numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in the scan cache")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    from auditor.outputs import atomic_write  # outputs imports scan, which imports this module
+
+    atomic_write(path, data)
