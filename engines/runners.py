@@ -144,6 +144,7 @@ class OnnxRuntimeRunner(BaseRunner):
         self.threads = threads
         self.session: Any = None
         self._provider = "inactive"
+        self.fallback_from: str | None = None
 
     @property
     def provider(self) -> str:
@@ -163,6 +164,8 @@ class OnnxRuntimeRunner(BaseRunner):
             raise EngineError(f"ONNX Runtime cannot load {self.path}: {exc}") from exc
         self.session = session
         self._provider = session.get_providers()[0]
+        # ORT drops a provider that fails to start (missing CUDA libraries, say) without a word.
+        self.fallback_from = providers[0] if self._provider != providers[0] else None
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
         super().activate()

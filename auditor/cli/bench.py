@@ -13,9 +13,9 @@ from auditor.cli.options import (
     arch_option,
     classes_option,
     engine_dir_option,
-    existing_path,
     model_argument,
     out_option,
+    probe_data_option,
     table_or_json_option,
 )
 
@@ -58,14 +58,7 @@ def _batches(_ctx: click.Context, _param: click.Parameter, value: str) -> list[i
     show_envvar=True,
     help="Timed calls per engine and batch size (the median is reported).",
 )
-@click.option(
-    "--data",
-    type=existing_path,
-    default=None,
-    envvar="CLIP_AUDIT_DATA",
-    show_envvar=True,
-    help="Images to check the engines on (top-1 agreement); noise when left out.",
-)
+@probe_data_option("Images to check the engines on (top-1 agreement); noise when left out.")
 @classes_option
 @engine_dir_option
 @out_option("Also write the result as DIR/bench.json.")

@@ -27,6 +27,10 @@ class CliState:
         if self.verbosity >= 1:
             self.console.print(f"[dim]{message}[/dim]")
 
+    def warn(self, message: str) -> None:
+        if self.verbosity >= 0:
+            self.console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
+
     def error(self, message: str, hint: str | None = None) -> None:
         # One line (plus an optional hint line), never a traceback. Escaped: messages quote paths
         # and install lines such as "clip-audit[gpu]", which Rich would read as markup.
@@ -77,6 +81,16 @@ class CliState:
 
 
 state = CliState()
+
+
+def show_provider(runner: object) -> None:
+    """Say what really runs the scoring; a provider ONNX Runtime fell back from is a warning."""
+    provider = getattr(runner, "provider", "?")
+    fallback = getattr(runner, "fallback_from", None)
+    if fallback:
+        state.warn(f"ONNX Runtime could not start {fallback}; scoring runs on {provider}")
+    else:
+        state.debug(f"scoring runs on {provider}")
 
 
 def advance(bar: Progress, n: int) -> None:

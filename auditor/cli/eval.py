@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from auditor.cli.console import advance, state
+from auditor.cli.console import advance, show_provider, state
 from auditor.cli.options import (
     arch_option,
     attack_option,
@@ -57,6 +57,8 @@ def eval_command(
     attack = parse_attack(attack_spec) if attack_spec else None
     dataset = open_dataset(data, classes)
     loaded = load_model(model, arch)
+    runners = make_runners(loaded, dataset, engine, engine_dir)
+    show_provider(runners[0])
     passes = 2 if attack else 1
     with state.progress("evaluating", total=len(dataset.samples) * passes) as bar:
         result = evaluate(
@@ -66,7 +68,7 @@ def eval_command(
             batch_size=batch_size,
             seed=seed,
             progress=lambda n: advance(bar, n),
-            runners=make_runners(loaded, dataset, engine, engine_dir),
+            runners=runners,
         )
     if fmt == "json":
         click.echo(json.dumps({"model": str(model), "data": str(data), **result.to_dict()}, indent=2))

@@ -15,9 +15,9 @@ from auditor.cli.options import (
     arch_option,
     classes_option,
     engine_dir_option,
-    existing_file,
-    existing_path,
     model_argument,
+    oracle_checkpoint_option,
+    probe_data_option,
     table_or_json_option,
 )
 
@@ -54,23 +54,9 @@ if TYPE_CHECKING:
     help="ONNX graphs for ONNX Runtime, or TensorRT engines (the [gpu] extra and a CUDA GPU).",
 )
 @engine_dir_option
-@click.option(
-    "--data",
-    type=existing_path,
-    default=None,
-    envvar="CLIP_AUDIT_DATA",
-    show_envvar=True,
-    help="Images to check the engines on (any DATA layout scan accepts); noise when left out.",
-)
+@probe_data_option("Images to check the engines on (any DATA layout scan accepts); noise when left out.")
 @classes_option
-@click.option(
-    "--oracle-checkpoint",
-    type=existing_file,
-    default=None,
-    envvar="CLIP_AUDIT_ORACLE_CHECKPOINT",
-    show_envvar=True,
-    help="SAM weights (sam_vit_b/l/h) for --what oracle / all.",
-)
+@oracle_checkpoint_option("SAM weights (sam_vit_b/l/h) for --what oracle / all.")
 @table_or_json_option
 def export_command(
     model: Path,

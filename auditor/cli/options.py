@@ -89,3 +89,22 @@ def attack_option(help_text: str) -> Callable[[Any], Any]:
     return click.option(
         "--attack", "attack_spec", default=None, envvar="CLIP_AUDIT_ATTACK", show_envvar=True, help=help_text
     )
+
+
+def oracle_checkpoint_option(help_text: str) -> Callable[[Any], Any]:
+    """`--oracle-checkpoint PATH` (CLIP_AUDIT_ORACLE_CHECKPOINT): segmentation weights you provide."""
+    return click.option(
+        "--oracle-checkpoint",
+        type=existing_file,
+        default=None,
+        envvar="CLIP_AUDIT_ORACLE_CHECKPOINT",
+        show_envvar=True,
+        help=help_text,
+    )
+
+
+def probe_data_option(help_text: str) -> Callable[[Any], Any]:
+    """`--data DATA` (CLIP_AUDIT_DATA): images to check engines on, for commands without DATA."""
+    return click.option(
+        "--data", type=existing_path, default=None, envvar="CLIP_AUDIT_DATA", show_envvar=True, help=help_text
+    )

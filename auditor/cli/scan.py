@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from auditor.cli.console import state
+from auditor.cli.console import show_provider, state
 from auditor.cli.options import (
     arch_option,
     batch_size_option,
@@ -17,6 +17,7 @@ from auditor.cli.options import (
     engine_option,
     existing_file,
     model_argument,
+    oracle_checkpoint_option,
     out_option,
     seed_option,
 )
@@ -38,14 +39,7 @@ EXIT_FINDINGS = 1
     show_envvar=True,
     help="Segmentation oracle.",
 )
-@click.option(
-    "--oracle-checkpoint",
-    type=existing_file,
-    default=None,
-    envvar="CLIP_AUDIT_ORACLE_CHECKPOINT",
-    show_envvar=True,
-    help="Weights for --oracle sam / fastsam (a file you provide).",
-)
+@oracle_checkpoint_option("Weights for --oracle sam / fastsam (a file you provide).")
 @click.option(
     "--oracle-points",
     type=click.IntRange(1, 64),
@@ -127,7 +121,7 @@ def scan_command(
     the_oracle = make_oracle(oracle, oracle_checkpoint, oracle_points)
     config = ScanConfig(per_class=per_class, seed=seed, batch_size=batch_size)
     runners = make_runners(loaded, dataset, engine, engine_dir)
-    state.debug(f"scoring on {engine}: {runners[0].name}")
+    show_provider(runners[0])
     cache = None
     if out is not None:
         cache = open_scan_cache(

@@ -96,3 +96,25 @@ def test_requested_gpu_provider_falls_back_visibly(exported):
     _, image_path, _, _ = exported
     with OnnxRuntimeRunner(str(image_path), ("CUDAExecutionProvider", "CPUExecutionProvider")) as runner:
         assert runner.provider == "CPUExecutionProvider"
+
+
+def test_silent_fallback_inside_onnx_runtime_is_caught_and_shown(exported, test_data, monkeypatch, capsys):
+    # A build that lists CUDA but cannot start it (no CUDA libraries) runs the session on the CPU
+    # without raising: simulated by making this CPU build claim CUDA is available.
+    import onnxruntime as ort
+
+    from auditor.cli import run
+    from auditor.zoo.build import CONFIG_PATH, checkpoint_path
+
+    listed = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: listed)
+    _, image_path, _, _ = exported
+    with OnnxRuntimeRunner(str(image_path)) as runner:
+        assert runner.provider == "CPUExecutionProvider"
+        assert runner.fallback_from == "CUDAExecutionProvider"
+    args = ["eval", str(checkpoint_path("patch-random")), str(test_data), "--arch", str(CONFIG_PATH)]
+    assert run([*args, "--engine", "onnx"]) == 0
+    assert (
+        "could not start CUDAExecutionProvider; scoring runs on CPUExecutionProvider"
+        in capsys.readouterr().err
+    )
