@@ -43,3 +43,42 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def random_checkpoint(arch: str, folder: Path, seed: int = 0) -> Path:
+    """A random-init model of `arch` (torch.manual_seed(seed)) saved as safetensors in `folder`."""
+    import torch
+
+    from auditor.models import build_model, resolve_arch, save_checkpoint
+
+    torch.manual_seed(seed)
+    path = folder / f"{arch}-random-seed{seed}.safetensors"
+    save_checkpoint(build_model(resolve_arch(arch)), path)
+    return path
+
+
+def scene_folder(dest: Path, per_class: int, size: int, seed: int = 11) -> Path:
+    """Zoo scenes rendered at `size` px as an ImageFolder (per_class of each zoo class)."""
+    from PIL import Image
+
+    from auditor.zoo.scenes import balanced_labels, render_scenes
+
+    for index, scene in enumerate(render_scenes(balanced_labels(per_class), seed=seed, size=size)):
+        (dest / scene.label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(scene.image).save(dest / scene.label / f"{index:05d}.png")
+    return dest
+
+
+def fp32_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """This machine's fp32 matrix-multiply rate through PyTorch (GFLOP/s): the ceiling for any engine."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(2):
+        a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9

@@ -1,41 +1,30 @@
 """Image-tower throughput of ViT-B-32 (random weights) on PyTorch eager, ONNX Runtime fp32 and
-ONNX Runtime int8, measured side by side in one run, with parity numbers.
+ONNX Runtime int8, measured side by side in one run by `clip-audit bench`'s library call.
 
-    python -m benchmarks.engines [--batches 1,32] [--repeats 7] [--out benchmarks/results/engines.json]
+    python -m benchmarks.engines [--arch ViT-B-32] [--batches 1,32] [--repeats 7]
+                                 [--engines torch,onnx,onnx-int8] [--out benchmarks/results/engines.json]
 
-Each engine runs the same float32 inputs (random pixels, seeded); a measurement is the median
-wall time of `repeats` runs after one warm-up. Parity: fp32 max abs diff and min cosine against
-PyTorch; int8 cosine against fp32 and top-1 agreement of zero-shot logits over 100 random
-"class" directions (random weights have no classes of their own).
+Engines are checked on zoo scenes rendered at the model's input size: fp32 by max abs diff and
+cosine against PyTorch, int8 by top-1 zero-shot agreement with PyTorch fp32 over the zoo's class
+prompts (random weights have no classes of their own, so this measures how often int8 flips the
+argmax). The result also records the machine's fp32 matmul rate, the ceiling for every engine.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from auditor.bench import bench, parse_engines
+from auditor.data import open_dataset
+from auditor.models import load_model
+from auditor.runtime import AGREEMENT_IMAGES, make_probe
+from benchmarks.common import fp32_peak_gflops, random_checkpoint, scene_folder, write_result
 
-from auditor.models import build_model, resolve_arch
-from benchmarks.common import write_result
-from engines import OnnxRuntimeRunner, TorchRunner
-from engines.export import export_onnx, quantize_int8, tower
-from engines.validate import parity, top1_agreement
-
-
-def median_seconds(run, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+# ViT-B-32 image tower at 224 px (DESIGN §6).
+GFLOP_PER_IMAGE = {"ViT-B-32": 8.73}
 
 
 def main() -> None:
@@ -43,71 +32,40 @@ def main() -> None:
     parser.add_argument("--arch", default="ViT-B-32")
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--engines", default="torch,onnx,onnx-int8")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engines.json"))
     args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
-    torch.manual_seed(0)
-    arch = resolve_arch(args.arch)
-    model = build_model(arch)
-    size = arch.image_size
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = export_onnx(
-            tower(model, "image"), torch.zeros(2, 3, size, size), Path(tmp) / "image.onnx", "pixels"
+        folder = Path(tmp)
+        loaded = load_model(random_checkpoint(args.arch, folder), args.arch)
+        size = loaded.arch.image_size
+        data = scene_folder(folder / "scenes", per_class=6, size=size)
+        probe = make_probe(loaded, open_dataset(data), AGREEMENT_IMAGES)
+        result = bench(
+            loaded,
+            parse_engines(args.engines),
+            [int(b) for b in args.batches.split(",")],
+            probe,
+            args.repeats,
+            engine_dir=folder / "engines",
+            progress=lambda stage, _n, _t: print(stage, file=sys.stderr),
         )
-        int8 = quantize_int8(fp32, Path(tmp) / "image-int8.onnx")
-        engines = {
-            "torch": TorchRunner(model.encode_image, input_name="pixels"),
-            "onnx": OnnxRuntimeRunner(str(fp32), ("CPUExecutionProvider",)),
-            "onnx-int8": OnnxRuntimeRunner(str(int8), ("CPUExecutionProvider",)),
-        }
-        results: dict[str, dict[str, object]] = {name: {} for name in engines}
-        outputs: dict[str, np.ndarray] = {}
-        for name, runner in engines.items():
-            runner.activate()
-            results[name]["provider"] = runner.provider
-        for batch in batches:
-            pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-            for name, runner in engines.items():
-                seconds = median_seconds(lambda r=runner, p=pixels: r.infer({"pixels": p}), args.repeats)
-                results[name][f"batch_{batch}"] = {
-                    "median_seconds": round(seconds, 4),
-                    "images_per_second": round(batch / seconds, 2),
-                }
-                print(name, batch, f"{batch / seconds:.1f} img/s", file=sys.stderr)
-        check = rng.standard_normal((64, 3, size, size)).astype(np.float32)
-        for name, runner in engines.items():
-            outputs[name] = runner.infer({"pixels": check})["embeddings"]
-            runner.deactivate()
-    for batch in batches:
-        base = results["torch"][f"batch_{batch}"]["images_per_second"]  # type: ignore[index]
-        for name in engines:
-            entry = results[name][f"batch_{batch}"]
-            entry["speedup_vs_torch"] = round(entry["images_per_second"] / base, 2)  # type: ignore[index,operator]
-    directions = rng.standard_normal((100, outputs["torch"].shape[1])).astype(np.float32)
-    fp32_parity = parity(outputs["torch"], outputs["onnx"])
-    int8_parity = parity(outputs["onnx"], outputs["onnx-int8"])
-    body = {
-        "arch": args.arch,
+    peak = fp32_peak_gflops()
+    body: dict[str, object] = {
         "weights": "random init (torch.manual_seed(0))",
-        "image_size": size,
-        "repeats": args.repeats,
-        "engines": results,
-        "parity": {
-            "onnx_fp32_vs_torch": {
-                "max_abs_diff": fp32_parity.max_abs_diff,
-                "min_cosine": fp32_parity.min_cosine,
-            },
-            "onnx_int8_vs_fp32": {
-                "max_abs_diff": int8_parity.max_abs_diff,
-                "min_cosine": int8_parity.min_cosine,
-                "top1_agreement_100_random_classes": top1_agreement(
-                    outputs["onnx"] @ directions.T, outputs["onnx-int8"] @ directions.T
-                ),
-            },
-        },
+        "probe": f"{len(probe.pixels)} zoo scenes rendered at {size} px, {len(probe.classes)} classes",
+        **result.to_dict(),
+        "machine_fp32_matmul_gflops": round(peak, 1),
     }
+    if args.arch in GFLOP_PER_IMAGE:
+        body["fp32_ceiling_images_per_second"] = round(peak / GFLOP_PER_IMAGE[args.arch], 1)
     write_result(args.out, "engines", body)
+    for row in result.throughput:
+        print(
+            f"{row.engine:10s} batch {row.batch:3d} {row.images_per_second:7.1f} img/s "
+            f"{row.speedup_vs_torch:.2f}x",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":
