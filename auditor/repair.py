@@ -231,14 +231,15 @@ def make_holdout(
             attack.trigger.apply(x, np.random.default_rng((seed, i)))[0] for i, x in enumerate(others)
         ]
     return HoldOut(
-        _preprocess(loaded, images),
+        preprocess_images(loaded, images),
         np.asarray(labels, np.int64),
-        None if triggered is None else _preprocess(loaded, triggered),
-        None if attacked is None else _preprocess(loaded, attacked),
+        None if triggered is None else preprocess_images(loaded, triggered),
+        None if attacked is None else preprocess_images(loaded, attacked),
     )
 
 
-def _preprocess(loaded: LoadedModel, images: Sequence[np.ndarray]) -> np.ndarray:
+def preprocess_images(loaded: LoadedModel, images: Sequence[np.ndarray]) -> np.ndarray:
+    """uint8 RGB images (H, W, 3) -> the model's input pixels, float32 (n, 3, S, S)."""
     import torch
     from PIL import Image
 

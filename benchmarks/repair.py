@@ -40,6 +40,7 @@ from auditor.repair import (
     fine_tune,
     load_scan_outputs,
     measure,
+    preprocess_images,
     repair,
 )
 from auditor.scan import scan
@@ -59,8 +60,6 @@ BASELINE_BUDGET = 10  # times the images the tool's repair saw
 
 def planted_holdout(loaded: LoadedModel, test_root: Path, name: str) -> tuple[HoldOut, list[str], int]:
     """Held-out test scenes and the same scenes of other labels with the planted trigger."""
-    import torch
-    from PIL import Image
 
     from auditor.data import load_image, pil_to_array
 
@@ -76,10 +75,11 @@ def planted_holdout(loaded: LoadedModel, test_root: Path, name: str) -> tuple[Ho
         if labels[i] != target
     ]
 
-    def pixels(batch: list[np.ndarray]) -> np.ndarray:
-        return torch.stack([loaded.preprocess(Image.fromarray(x)) for x in batch]).numpy()
-
-    return HoldOut(pixels(images), labels, None, pixels(attacked)), dataset.classes, target
+    return (
+        HoldOut(preprocess_images(loaded, images), labels, None, preprocess_images(loaded, attacked)),
+        dataset.classes,
+        target,
+    )
 
 
 def clean_pairs(per_class: int) -> TrainingPairs:
