@@ -168,19 +168,33 @@ def _export_fp32(loaded: LoadedModel, folder: Path) -> dict[str, Path]:
 def _derive(
     source: dict[str, Path], runtime: str, precision: str, folder: Path, batches: Sequence[int]
 ) -> dict[str, Path]:
-    """int8 / fp16 ONNX graphs or TensorRT engines made from the fp32 graphs in `source`."""
+    """int8 / fp16 ONNX graphs or TensorRT engines made from the fp32 graphs in `source`.
+
+    Reduced precision is for the image tower only (`tower_precision`): the text tower runs once
+    per class vocabulary, so it gains no time, and quantizing it cost most of the agreement.
+    """
+    import shutil
+
     from engines.export import build_tensorrt_engine, convert_fp16, quantize_int8
 
     files = {}
     for name in TOWERS:
+        reduced = tower_precision(name, precision)
         if runtime == "tensorrt":
-            target = folder / f"{name}-{precision}.engine"
-            files[name] = build_tensorrt_engine(source[name], target, precision == "fp16", batches)
-        elif precision == "int8":
+            target = folder / f"{name}-{reduced}.engine"
+            files[name] = build_tensorrt_engine(source[name], target, reduced == "fp16", batches)
+        elif reduced == "int8":
             files[name] = quantize_int8(source[name], folder / f"{name}-int8.onnx")
-        else:
+        elif reduced == "fp16":
             files[name] = convert_fp16(source[name], folder / f"{name}-fp16.onnx")
+        else:
+            files[name] = Path(shutil.copyfile(source[name], folder / source[name].name))
     return files
+
+
+def tower_precision(tower: str, precision: str) -> str:
+    """The precision `tower` ("image" / "text") really runs at in an engine pair of `precision`."""
+    return precision if tower == "image" else "fp32"
 
 
 @dataclass(frozen=True)

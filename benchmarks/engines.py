@@ -39,7 +39,7 @@ def main() -> None:
         folder = Path(tmp)
         loaded = load_model(random_checkpoint(args.arch, folder), args.arch)
         size = loaded.arch.image_size
-        data = scene_folder(folder / "scenes", per_class=6, size=size)
+        data = scene_folder(folder / "scenes", per_class=17, size=size)
         probe = make_probe(loaded, open_dataset(data), AGREEMENT_IMAGES)
         result = bench(
             loaded,

@@ -17,6 +17,7 @@ from auditor.cli.options import (
     engine_dir_option,
     model_argument,
     oracle_checkpoint_option,
+    precision_option,
     probe_data_option,
     table_or_json_option,
 )
@@ -37,13 +38,9 @@ if TYPE_CHECKING:
     show_envvar=True,
     help="clip: the image and text towers; oracle: SAM's encoder and decoder (--oracle-checkpoint).",
 )
-@click.option(
-    "--precision",
-    type=click.Choice(["fp32", "fp16", "int8"]),
-    default="fp32",
-    envvar="CLIP_AUDIT_PRECISION",
-    show_envvar=True,
-    help="fp16 runs on GPU providers only; int8 is an ONNX Runtime CPU engine. Both need DATA.",
+@precision_option(
+    "For the image tower (text stays fp32). fp16 runs on GPU providers only; int8 is an "
+    "ONNX Runtime CPU engine. Both need --data."
 )
 @click.option(
     "--engine",
@@ -108,11 +105,13 @@ def export_command(
 
 
 def _row(name: str, engines: Engines, checks: Mapping[str, object], provider: str) -> dict[str, object]:
+    from auditor.runtime import TOWERS, tower_precision
+
     path = engines.files[name]
     return {
         "part": name,
         "runtime": engines.runtime,
-        "precision": engines.precision,
+        "precision": tower_precision(name, engines.precision) if name in TOWERS else engines.precision,
         "provider": provider,
         "path": str(path),
         "bytes": path.stat().st_size,

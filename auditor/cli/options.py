@@ -108,3 +108,15 @@ def probe_data_option(help_text: str) -> Callable[[Any], Any]:
     return click.option(
         "--data", type=existing_path, default=None, envvar="CLIP_AUDIT_DATA", show_envvar=True, help=help_text
     )
+
+
+def precision_option(help_text: str) -> Callable[[Any], Any]:
+    """`--precision fp32|fp16|int8` (CLIP_AUDIT_PRECISION) of the image tower's engine."""
+    return click.option(
+        "--precision",
+        type=click.Choice(["fp32", "fp16", "int8"]),
+        default="fp32",
+        envvar="CLIP_AUDIT_PRECISION",
+        show_envvar=True,
+        help=help_text,
+    )

@@ -19,6 +19,7 @@ from auditor.cli.options import (
     model_argument,
     oracle_checkpoint_option,
     out_option,
+    precision_option,
     seed_option,
 )
 from auditor.report import SEVERITIES, Report
@@ -58,6 +59,10 @@ EXIT_FINDINGS = 1
 )
 @engine_option
 @engine_dir_option
+@precision_option(
+    "Image-tower precision for --engine onnx / tensorrt: int8 (ONNX Runtime, CPU) and fp16 (GPU) "
+    "are used only if they agree with PyTorch fp32 on >= 99 % of a sample of DATA (else exit 3)."
+)
 @out_option("Write report.json, trigger.png, victims.csv and compact/ here.")
 @click.option(
     "--format",
@@ -97,6 +102,7 @@ def scan_command(
     reference: Path | None,
     engine: str,
     engine_dir: Path | None,
+    precision: str,
     out: Path | None,
     fmt: str,
     fail_on: str,
@@ -120,7 +126,9 @@ def scan_command(
     reference_model = load_model(reference, arch) if reference else None
     the_oracle = make_oracle(oracle, oracle_checkpoint, oracle_points)
     config = ScanConfig(per_class=per_class, seed=seed, batch_size=batch_size)
-    runners = make_runners(loaded, dataset, engine, engine_dir)
+    if precision != "fp32" and resolve_engine(engine) == "torch":
+        raise click.UsageError(f"--precision {precision} needs --engine onnx or tensorrt")
+    runners = make_runners(loaded, dataset, engine, engine_dir, precision)
     show_provider(runners[0])
     cache = None
     if out is not None:
@@ -131,7 +139,7 @@ def scan_command(
             config=config,
             oracle=[oracle, oracle_points, sha256_file(oracle_checkpoint) if oracle_checkpoint else None],
             reference=reference_model.sha256 if reference_model else None,
-            engine=resolve_engine(engine),
+            engine=[resolve_engine(engine), precision],
         )
         if any(cache.folder.glob("*.npz")):
             state.info(f"resuming: {cache.images_scored()} image scorings found in {cache.folder}")

@@ -42,6 +42,9 @@ def test_export_int8_needs_data_and_agrees_with_fp32(test_data, tmp_path, capsys
     assert run([*base, "--data", str(test_data), "--format", "json"]) == 0
     image, text = json.loads(capsys.readouterr().out)["engines"]
     assert image["checks"]["top1_agreement"] >= 0.99
+    # Only the image tower is quantized: the text tower runs once per vocabulary.
+    assert (image["precision"], text["precision"]) == ("int8", "fp32")
+    assert text["checks"]["text_max_abs_diff"] <= 1e-4
     assert image["bytes"] < 0.6 * next(tmp_path.glob("*/image.onnx")).stat().st_size
 
 
@@ -172,3 +175,14 @@ def test_sam_parity_failure_is_an_error(tiny_sam, tmp_path):
 def test_export_oracle_needs_sam_weights(tmp_path, capsys):
     assert run(["export", *MODEL, "--what", "oracle"]) == 2
     assert "--oracle-checkpoint" in capsys.readouterr().err
+
+
+def test_eval_on_the_int8_image_tower_matches_fp32(test_data, tmp_path, capsys):
+    args = ["eval", *MODEL[:1], str(test_data), *MODEL[1:], "--engine-dir", str(tmp_path), "--format", "json"]
+    assert run([*args, "--engine", "torch"]) == 0
+    fp32 = json.loads(capsys.readouterr().out)
+    assert run([*args, "--engine", "onnx", "--precision", "int8"]) == 0
+    int8 = json.loads(capsys.readouterr().out)
+    assert abs(int8["clean_accuracy"] - fp32["clean_accuracy"]) <= 0.01
+    assert run([*args, "--engine", "torch", "--precision", "int8"]) == 2
+    assert "needs --engine onnx or tensorrt" in capsys.readouterr().err
