@@ -1,13 +1,15 @@
-"""End to end: `clip-audit scan --engine onnx` against `--engine torch` on the same model and data.
+"""End to end: `clip-audit scan` on ONNX Runtime (fp32, and int8 image tower) against PyTorch.
 
     python -m benchmarks.scan_engines [--arch ViT-B-32] [--per-class 22] [--runs 3]
+                                      [--variants torch,onnx,onnx-int8]
                                       [--out benchmarks/results/scan_engines.json]
 
 The model is a random-init checkpoint of `--arch`; the data are zoo scenes rendered at the model's
-input size (12 classes x per_class images: 264 at the default). One untimed `--engine onnx` scan
-first builds the engine cache (its time is recorded as `engine_build_seconds`); then the engines
-take turns, `--runs` scans each, every scan a fresh `clip-audit` process timed from start to exit.
-The reports are compared field by field, leaving out only the per-stage seconds.
+input size (12 classes x per_class images: 264 at the default). One untimed scan of the last
+variant first builds the engine cache (`engine_build_seconds`); then the variants take turns,
+`--runs` scans each, every scan a fresh `clip-audit` process with a fresh `--out`, timed from
+start to exit. Each report is compared with PyTorch's field by field (only the per-stage seconds
+left out), and by its findings: verdict, severity, target and victim labels, victim files.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ from benchmarks.common import random_checkpoint, scene_folder, write_result
 CLI = str(Path(sys.executable).with_name("clip-audit"))
 
 
-def scan_seconds(model: Path, data: Path, arch: str, engine: str, out: Path, engine_dir: Path) -> float:
+# Variant -> (--engine, --precision).
+VARIANTS = {"torch": ("torch", "fp32"), "onnx": ("onnx", "fp32"), "onnx-int8": ("onnx", "int8")}
+
+
+def scan_seconds(model: Path, data: Path, arch: str, variant: str, out: Path, engine_dir: Path) -> float:
+    engine, precision = VARIANTS[variant]
     command = [
         CLI,
         "-q",
@@ -37,6 +44,8 @@ def scan_seconds(model: Path, data: Path, arch: str, engine: str, out: Path, eng
         arch,
         "--engine",
         engine,
+        "--precision",
+        precision,
         "--engine-dir",
         str(engine_dir),
         "--out",
@@ -71,13 +80,22 @@ def differences(a: object, b: object, path: str = "") -> list[str]:
     return [] if a == b else [path]
 
 
+FINDINGS = ("verdict", "severity", "target_labels", "victim_labels")
+
+
+def victims(report: dict) -> list[str]:  # type: ignore[type-arg]
+    return [v["path"] for v in report["victims"]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", default="ViT-B-32")
     parser.add_argument("--per-class", type=int, default=22)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--variants", default="torch,onnx,onnx-int8", help=", ".join(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scan_engines.json"))
     args = parser.parse_args()
+    variants = ["torch", *[v for v in args.variants.split(",") if v in VARIANTS and v != "torch"]]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model = random_checkpoint(args.arch, folder)
@@ -87,35 +105,43 @@ def main() -> None:
         data = scene_folder(folder / "data", args.per_class, size)
         images = sum(1 for _ in data.rglob("*.png"))
         engines_dir = folder / "engines"
-        build = scan_seconds(model, data, args.arch, "onnx", folder / "build", engines_dir)
-        print(f"first onnx scan (builds the engines): {build:.1f}s", file=sys.stderr)
-        seconds: dict[str, list[float]] = {"torch": [], "onnx": []}
+        build = scan_seconds(model, data, args.arch, variants[-1], folder / "build", engines_dir)
+        print(f"first {variants[-1]} scan (builds the engines): {build:.1f}s", file=sys.stderr)
+        seconds: dict[str, list[float]] = {v: [] for v in variants}
         for run in range(args.runs):
-            for engine in seconds:
-                out = folder / f"{engine}-{run}"  # a fresh --out: no resumable-scan cache to reuse
-                seconds[engine].append(scan_seconds(model, data, args.arch, engine, out, engines_dir))
-                print(f"run {run} {engine}: {seconds[engine][-1]:.1f}s", file=sys.stderr)
-        reports = {e: json.loads((folder / f"{e}-0" / "report.json").read_text()) for e in seconds}
-    medians = {e: statistics.median(s) for e, s in seconds.items()}
-    diff = differences(reports["torch"], reports["onnx"])
+            for variant in variants:
+                out = folder / f"{variant}-{run}"  # a fresh --out: no resumable-scan cache to reuse
+                seconds[variant].append(scan_seconds(model, data, args.arch, variant, out, engines_dir))
+                print(f"run {run} {variant}: {seconds[variant][-1]:.1f}s", file=sys.stderr)
+        reports = {v: json.loads((folder / f"{v}-0" / "report.json").read_text()) for v in variants}
+    medians = {v: statistics.median(s) for v, s in seconds.items()}
+    compared = {}
+    for variant in variants[1:]:
+        diff = differences(reports["torch"], reports[variant])
+        compared[variant] = {
+            "over_torch": round(medians[variant] / medians["torch"], 3),
+            "same_report": not diff,
+            "same_findings": all(reports[variant][k] == reports["torch"][k] for k in FINDINGS)
+            and victims(reports[variant]) == victims(reports["torch"]),
+            "report_differences": diff[:20] + ([f"... {len(diff) - 20} more"] if len(diff) > 20 else []),
+        }
     body = {
         "arch": args.arch,
         "weights": "random init (torch.manual_seed(0))",
         "data": f"{images} zoo scenes at {size} px",
         "runs": args.runs,
+        "variants": {v: {"engine": VARIANTS[v][0], "precision": VARIANTS[v][1]} for v in variants},
         "engine_build_seconds": round(build, 1),
-        "seconds": {e: [round(x, 2) for x in s] for e, s in seconds.items()},
-        "median_seconds": {e: round(m, 2) for e, m in medians.items()},
-        "onnx_over_torch": round(medians["onnx"] / medians["torch"], 3),
+        "seconds": {v: [round(x, 2) for x in s] for v, s in seconds.items()},
+        "median_seconds": {v: round(m, 2) for v, m in medians.items()},
+        "against_torch": compared,
         "images_scored": reports["torch"]["cost"]["images_scored"],
-        "stage_seconds": {e: r["cost"]["seconds"] for e, r in reports.items()},
-        "same_report": not diff,
-        "report_differences": diff,
+        "stage_seconds": {v: r["cost"]["seconds"] for v, r in reports.items()},
         "verdict": reports["torch"]["verdict"],
     }
     write_result(args.out, "scan_engines", body)
     print(
-        json.dumps({k: body[k] for k in ("median_seconds", "onnx_over_torch", "same_report")}),
+        json.dumps({k: body[k] for k in ("median_seconds", "against_torch")}),
         file=sys.stderr,
     )
 
