@@ -150,9 +150,12 @@ class ScanCache:
     def images_scored(self) -> int:
         """How many image scorings the cached results stand for (what a rerun saves)."""
         total = 0
-        for path in sorted(self.folder.glob("*.npz")):
-            raw = self._load(path.name)
-            total += int(raw["images_scored"]) if raw is not None else 0
+        for path in self.folder.glob("*.npz"):
+            try:  # only the count: an archive's other arrays are not decompressed
+                with np.load(path, allow_pickle=False) as archive:
+                    total += int(archive["images_scored"])
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                continue  # a damaged entry stands for nothing; the scan recomputes it
         return total
 
     # --- files ---------------------------------------------------------------------------
