@@ -340,10 +340,13 @@ def _export_sam(sam: Any, folder: Path) -> dict[str, Path]:
     return {"encoder": encoder, "decoder": decoder}
 
 
-def check_sam_engines(sam: Any, engines: Engines, image: np.ndarray | None = None) -> dict[str, float]:
+def check_sam_engines(
+    sam: Any, engines: Engines, image: np.ndarray | None = None
+) -> tuple[dict[str, float], str]:
     """fp32 parity of SAM's encoder and decoder with PyTorch on one image (uint8 RGB) or noise.
 
-    Returns the measured numbers; a failure is an EngineError (exit 3) with them.
+    Returns the measured numbers and the ONNX Runtime provider that ran them; a failure is an
+    EngineError (exit 3) with the numbers.
     """
     import torch
     from segment_anything.utils.transforms import ResizeLongestSide
@@ -369,6 +372,7 @@ def check_sam_engines(sam: Any, engines: Engines, image: np.ndarray | None = Non
         decoded = decoder.infer(
             {"image_embeddings": embeddings.numpy(), "point_coords": coords, "point_labels": labels}
         )
+        provider = encoder.provider
     numbers = {}
     for name, reference, candidate in (
         ("encoder", embeddings.numpy().reshape(1, -1), onnx_embeddings.reshape(1, -1)),
@@ -378,4 +382,4 @@ def check_sam_engines(sam: Any, engines: Engines, image: np.ndarray | None = Non
         measured = require_parity(f"SAM {name}", reference, candidate)
         numbers[f"{name.replace(' ', '_')}_max_abs_diff"] = measured.max_abs_diff
         numbers[f"{name.replace(' ', '_')}_min_cosine"] = measured.min_cosine
-    return numbers
+    return numbers, provider

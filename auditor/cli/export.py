@@ -138,8 +138,8 @@ def _export_sam(
             continue
     with state.progress(f"exporting SAM {kind}", total=None):
         engines = build_sam_engines(sam, kind, sha256_file(checkpoint), engine_dir)
-        checks = check_sam_engines(sam, engines, image)
-    return [_row(name, engines, _own(checks, name), "CPUExecutionProvider") for name in engines.files]
+        checks, provider = check_sam_engines(sam, engines, image)
+    return [_row(name, engines, _own(checks, name), provider) for name in engines.files]
 
 
 def _own(checks: Mapping[str, object], part: str) -> dict[str, object]:

@@ -127,7 +127,8 @@ def test_sam_encoder_and_decoder_export_with_parity(tiny_sam, tmp_path, test_dat
     engines = build_sam_engines(tiny_sam, "tiny", "0" * 64, tmp_path)
     assert set(engines.files) == {"encoder", "decoder"}
     image = np.asarray(Image.open(next(test_data.rglob("*.png"))).convert("RGB"))
-    numbers = check_sam_engines(tiny_sam, engines, image)
+    numbers, provider = check_sam_engines(tiny_sam, engines, image)
+    assert provider == "CPUExecutionProvider"
     assert numbers["encoder_max_abs_diff"] <= 1e-4 and numbers["decoder_masks_min_cosine"] >= 0.9999
     # The ONNX decoder against SAM's own prompt encoder + mask decoder, with mixed labels and
     # a different number of prompts and points than it was exported with.
