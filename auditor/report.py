@@ -63,6 +63,20 @@ class CompactSetInfo:
 
 
 @dataclass(frozen=True)
+class FailureInfo:
+    """A unit of work the scan could not finish (additive in schema v1): the scan went on without it.
+
+    `path`: the data file (relative to DATA), or None for a step over many images (a target's
+    confirmation); `stage`: "oracle" | "confirm" | "compact"; `error`: the exception's class.
+    """
+
+    path: str | None
+    stage: str
+    error: str
+    message: str
+
+
+@dataclass(frozen=True)
 class CostInfo:
     images_scored: int
     oracle_images: int
@@ -83,7 +97,12 @@ class Report:
     compact_set: CompactSetInfo | None
     cost: CostInfo
     disagreement: dict[str, float] = field(default_factory=dict)  # per predicted label, checked images
+    failures: tuple[FailureInfo, ...] = ()  # what could not be checked: the scan is incomplete
     schema_version: int = SCHEMA_VERSION
+
+    @property
+    def incomplete(self) -> bool:
+        return bool(self.failures)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,6 +148,10 @@ class Report:
                 "seconds": dict(self.cost.seconds),
             },
             "disagreement": dict(self.disagreement),
+            "failures": [
+                {"path": f.path, "stage": f.stage, "error": f.error, "message": f.message}
+                for f in self.failures
+            ],
         }
 
     @classmethod
@@ -169,6 +192,7 @@ class Report:
                 dict(raw["cost"].get("seconds", {})),
             ),
             disagreement=dict(raw.get("disagreement", {})),
+            failures=tuple(FailureInfo(**f) for f in raw.get("failures", [])),
             schema_version=raw["schema_version"],
         )
 
@@ -200,6 +224,7 @@ def render_markdown(report: Report) -> str:
         ]
     lines += [
         f"- cost: {report.cost.images_scored} images scored, oracle on {report.cost.oracle_images}",
+        *([f"- **incomplete**: {failure_summary(report)}"] if report.incomplete else []),
         "",
     ]
     if report.victims:
@@ -247,19 +272,24 @@ def render_sarif(report: Report) -> str:
                 "ruleId": "CLIPAUDIT002",
                 "level": level,
                 "message": {"text": f"labeled/predicted '{v.predicted}', shows '{v.oracle_label}'"},
-                "locations": [
-                    {
-                        "physicalLocation": {
-                            "artifactLocation": {"uri": v.path, "uriBaseId": "DATA"},
-                        }
-                    }
-                ],
+                "locations": [_data_location(v.path)],
                 "properties": {
                     "trigger_box": list(v.trigger_box) if v.trigger_box else None,
                     "score": v.score,
                 },
             }
         )
+    invocation = {
+        "executionSuccessful": not report.incomplete,
+        "toolExecutionNotifications": [
+            {
+                "level": "error",
+                "message": {"text": f"{f.stage}: {f.error}: {f.message}"},
+                **({"locations": [_data_location(f.path)]} if f.path else {}),
+            }
+            for f in report.failures
+        ],
+    }
     sarif = {
         "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
         "version": "2.1.0",
@@ -274,11 +304,26 @@ def render_sarif(report: Report) -> str:
                     }
                 },
                 "originalUriBaseIds": {"DATA": {"uri": _file_uri(report.data.path)}},
+                "invocations": [invocation],
                 "results": results,
             }
         ],
     }
     return json.dumps(sarif, indent=2) + "\n"
+
+
+def _data_location(path: str) -> dict[str, Any]:
+    """A SARIF location for a file under DATA."""
+    return {"physicalLocation": {"artifactLocation": {"uri": path, "uriBaseId": "DATA"}}}
+
+
+def failure_summary(report: Report) -> str:
+    """One line: how many images (and other steps) the scan could not finish, and the first error."""
+    images = sum(1 for f in report.failures if f.path is not None)
+    steps = len(report.failures) - images
+    first = report.failures[0]
+    parts = [f"{images} image(s) could not be checked"] + ([f"{steps} step(s) failed"] if steps else [])
+    return f"{', '.join(parts)} (first: {first.stage}, {first.error}: {first.message})"
 
 
 def _file_uri(path: str) -> str:
@@ -319,6 +364,7 @@ victim labels: {esc(", ".join(report.victim_labels) or "—")}.</p>
 {f"<h2>Recovered trigger</h2><img class='trigger' src='{trigger}' alt='trigger'>" if trigger else ""}
 <p>{esc(report.trigger.evidence)}</p>
 <h2>Disagreement rate per predicted label</h2>{bars}
+{f"<p><b>Incomplete:</b> {esc(failure_summary(report))}</p>" if report.incomplete else ""}
 <h2>Victims ({len(report.victims)})</h2>{"".join(rows)}
 </body></html>
 """

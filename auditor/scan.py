@@ -18,12 +18,14 @@ import numpy as np
 
 from auditor import __version__
 from auditor.data import Dataset, iter_batches, load_image, pil_to_array
+from auditor.errors import EnvironmentProblem
 from auditor.models import LoadedModel
 from auditor.oracle import Oracle
 from auditor.report import (
     CompactSetInfo,
     CostInfo,
     DataInfo,
+    FailureInfo,
     ModelInfo,
     Report,
     SkippedFile,
@@ -45,6 +47,7 @@ from auditor.victims import (
     suspect_classes,
     transplant_test,
 )
+from engines.errors import EngineError
 from engines.runners import Runner
 
 Progress = Callable[[str, int, int | None], None]
@@ -102,6 +105,15 @@ class _Context:
         self.images_scored = 0
         self.label_objects: ScoreFn | None = None
         self.cache: ScanCache | None = None
+        self.retry_failed = False
+        self.failures: list[FailureInfo] = []
+
+    def fail(self, stage: str, exc: Exception, index: int | None = None) -> FailureInfo:
+        """Record that `stage` could not finish (for image `index`, or for a step over many)."""
+        message = (str(exc).splitlines() or [""])[0][:300]
+        failure = FailureInfo(None if index is None else self.path(index), stage, type(exc).__name__, message)
+        self.failures.append(failure)
+        return failure
 
     def image(self, index: int) -> np.ndarray:
         return pil_to_array(load_image(self.dataset.absolute(self.dataset.samples[index])))
@@ -123,6 +135,7 @@ def scan(
     reference: LoadedModel | None = None,
     runners: tuple[Runner, Runner] | None = None,
     cache: ScanCache | None = None,
+    retry_failed: bool = False,
 ) -> ScanResult:
     """Audit `loaded` on `dataset`; see the module docstring for the stages.
 
@@ -130,6 +143,10 @@ def scan(
     `runners`: (image, text) runners for bulk scoring (`auditor.runtime`); default PyTorch.
     `cache`: where stage 0's scores and the oracle checks are kept as they are computed, and
     found again by a rerun (`auditor.scan_cache`); `cost.images_scored` counts only new work.
+    An unexpected error on one image (or in one target's confirmation) is recorded in
+    `report.failures` and the scan goes on; a rerun keeps cached failures unless `retry_failed`.
+    Environment errors (a missing extra, a broken engine) still stop the scan: they would fail
+    every image alike.
     """
     tick = progress or (lambda stage, n, total: None)
     seconds: dict[str, float] = {}
@@ -138,7 +155,7 @@ def scan(
         started = time.perf_counter()
         scorer = make_scorer(loaded, dataset.classes, image_runner, text_runner)
         ctx = _Context(loaded, dataset, scorer, oracle, config)
-        ctx.cache = cache
+        ctx.cache, ctx.retry_failed = cache, retry_failed
         if reference is not None:
             ctx.label_objects = _reference_scorer(reference, dataset.classes, config)
         scores = _score_all(ctx, tick)
@@ -151,7 +168,13 @@ def scan(
 
         started = time.perf_counter()
         findings = _stage3(ctx, checks, tick)
-        compact = _stage4(ctx, checks, findings)
+        try:
+            compact = _stage4(ctx, checks, findings)
+        except _FATAL:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the findings stand without their compact set
+            ctx.fail("compact", exc)
+            compact = ()
         seconds["confirmation"] = time.perf_counter() - started
     report = _report(ctx, checks, findings, compact, seconds, len(scores.indices))
     return ScanResult(report, findings.prototype.pixels if findings.prototype else None, compact)
@@ -243,16 +266,50 @@ def _run_checks(
     chunk = 16  # images whose crops and ablations are scored together (and cached together)
     for start in range(0, len(indices), chunk):
         part = indices[start : start + chunk]
-        found = ctx.cache.load_checks(part) if ctx.cache else None
-        if found is None:
+        cached = ctx.cache.load_checks(part) if ctx.cache else None
+        if cached is not None and cached[1] and ctx.retry_failed:
+            cached = None
+        if cached is None:
             before = ctx.images_scored
-            items = [(i, ctx.image(i), probs[i]) for i in part]
-            found = check_images(items, ctx.oracle, ctx.score, ctx.label_objects)
+            found, failed = _check_chunk(ctx, part, probs)
             if ctx.cache:
-                ctx.cache.save_checks(part, found, ctx.images_scored - before)
+                ctx.cache.save_checks(part, found, ctx.images_scored - before, failed)
+        else:
+            found, failed = cached
+            ctx.failures.extend(failed)
         for check in found:
             checks[check.index] = check
         advance(len(part))
+
+
+_FATAL = (EnvironmentProblem, EngineError, MemoryError)
+"""Errors that would fail every image alike: they stop the scan instead of being recorded."""
+
+
+def _check_chunk(
+    ctx: _Context, part: list[int], probs: dict[int, np.ndarray]
+) -> tuple[list[ImageCheck], list[FailureInfo]]:
+    """Algorithm 1 on a chunk; if it raises, image by image, recording the ones that fail."""
+
+    def check(indices: list[int]) -> list[ImageCheck]:
+        items = [(i, ctx.image(i), probs[i]) for i in indices]
+        return check_images(items, ctx.oracle, ctx.score, ctx.label_objects)
+
+    try:
+        return check(part), []
+    except _FATAL:
+        raise
+    except Exception:  # noqa: BLE001 - find the image(s) at fault below, one at a time
+        pass
+    found, failed = [], []
+    for index in part:
+        try:
+            found += check([index])
+        except _FATAL:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one image's failure must not end the scan
+            failed.append(ctx.fail("oracle", exc, index))
+    return found, failed
 
 
 @dataclass(frozen=True)
@@ -276,7 +333,13 @@ def _stage3(ctx: _Context, checks: dict[int, ImageCheck], tick: Progress) -> _Fi
     clean_images = [ctx.image(c.index) for c in clean]
     best = _Findings(suspects)
     for target in sorted(suspects, key=lambda c: suspects[c]):
-        found = _confirm(ctx, checks, target, clean, clean_images)
+        try:
+            found = _confirm(ctx, checks, target, clean, clean_images)
+        except _FATAL:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one target's failure must not hide the others
+            ctx.fail("confirm", exc)
+            found = None
         if found is not None and (
             best.transplant_rate is None or (found.transplant_rate or 0) > best.transplant_rate
         ):
@@ -341,10 +404,16 @@ def _non_localized(
         disagreeing = [c for c in members if c.disagrees and c.candidate is None]
         if len(disagreeing) < ctx.config.min_candidates:
             continue
-        pattern = overlay_pattern([ctx.image(c.index) for c in disagreeing])
-        rate, per_class = overlay_transplant_test(
-            pattern, clean_images, [c.pred for c in clean], target, ctx.score
-        )
+        try:
+            pattern = overlay_pattern([ctx.image(c.index) for c in disagreeing])
+            rate, per_class = overlay_transplant_test(
+                pattern, clean_images, [c.pred for c in clean], target, ctx.score
+            )
+        except _FATAL:
+            raise
+        except Exception as exc:  # noqa: BLE001 - as in `_stage3`
+            ctx.fail("confirm", exc)
+            continue
         if rate < ctx.config.transplant_threshold:
             continue
         victims = tuple(Victim(c.index, None, c.oracle_label, 1.0) for c in disagreeing)
@@ -483,4 +552,5 @@ def _report(
         else None,
         cost=CostInfo(ctx.images_scored, len(checks), {k: round(v, 2) for k, v in seconds.items()}),
         disagreement={label: round(float(np.mean(v)), 4) for label, v in sorted(per_label.items())},
+        failures=tuple(ctx.failures),
     )

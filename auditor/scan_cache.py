@@ -27,6 +27,7 @@ import numpy as np
 from auditor import __version__
 from auditor.data import Dataset, Skipped
 from auditor.oracle import Segment
+from auditor.report import FailureInfo
 from auditor.scoring import Scores
 from auditor.trigger import ImageCheck
 from engines.cache import file_sha256
@@ -107,10 +108,12 @@ class ScanCache:
         )
 
     # --- stages 1-2: Algorithm 1 ----------------------------------------------------------
-    def load_checks(self, indices: Sequence[int]) -> list[ImageCheck] | None:
+    def load_checks(self, indices: Sequence[int]) -> tuple[list[ImageCheck], list[FailureInfo]] | None:
+        """The chunk's checks and the images in it that could not be checked, or None if not cached."""
         raw = self._load(_checks_name(indices))
         if raw is None:
             return None
+        failures = [FailureInfo(**f) for f in json.loads(str(raw.get("failures", np.array("[]"))))]
         checks = []
         for i, fields in enumerate(json.loads(str(raw["checks"]))):
             candidate = None
@@ -119,9 +122,15 @@ class ScanCache:
                 candidate = Segment(mask, tuple(raw[f"box_{i}"].tolist()), float(mask.mean()))
             fields["object_labels"] = tuple(fields["object_labels"])
             checks.append(ImageCheck(candidate=candidate, **fields))
-        return checks
+        return checks, failures
 
-    def save_checks(self, indices: Sequence[int], checks: Sequence[ImageCheck], images_scored: int) -> None:
+    def save_checks(
+        self,
+        indices: Sequence[int],
+        checks: Sequence[ImageCheck],
+        images_scored: int,
+        failures: Sequence[FailureInfo] = (),
+    ) -> None:
         arrays: dict[str, np.ndarray] = {}
         fields = []
         for i, check in enumerate(checks):
@@ -143,6 +152,7 @@ class ScanCache:
         self._save(
             _checks_name(indices),
             checks=np.array(json.dumps(fields, default=_plain)),
+            failures=np.array(json.dumps([asdict(f) for f in failures])),
             images_scored=np.array(images_scored),
             **arrays,
         )

@@ -102,7 +102,7 @@ def denoise(image: np.ndarray) -> np.ndarray:
 
 def _views(index: int, image: np.ndarray, probs: np.ndarray, oracle: Oracle) -> _Views:
     segments = oracle.segments(image)
-    small = [s for s in segments if s.area <= SMALL_AREA]
+    small = [s for s in segments if 0 < s.area <= SMALL_AREA]
     objects = [s for s in segments if s.area >= OBJECT_AREA]
     return _Views(
         index,
@@ -192,29 +192,51 @@ def _conclude(
 
 
 def _best_candidate(small: list[Segment], ablated: np.ndarray, pred: int, p_pred: float) -> Candidate:
-    """The small segment whose removal takes y away, preferring the tightest such segment."""
-    if not small:
+    """The small segment whose removal takes y away, preferring the tightest such segment.
+
+    `ablated`: float32 (len(small), C) probabilities of the ablations. Total: any array gives a
+    candidate or (None, 0.0, None). A candidate must flip the prediction *and* lower y's
+    probability: on a weak model the top-1 can change while y's probability rises (another label
+    rose more), which says nothing about a trigger. Non-finite scores (a broken engine) and empty
+    segments never qualify; ties go to the smaller segment, then the earlier one.
+    """
+    ablated = np.asarray(ablated, dtype=np.float64)
+    if not small or ablated.ndim != 2 or ablated.shape[0] != len(small) or not 0 <= pred < ablated.shape[1]:
         return None, 0.0, None
-    drops = p_pred - ablated[:, pred]
-    flips = ablated.argmax(axis=1) != pred
-    if not flips.any():
+    finite = np.isfinite(ablated).all(axis=1) & np.isfinite(p_pred)
+    drops = np.where(finite, p_pred - np.nan_to_num(ablated[:, pred]), -np.inf)
+    flips = finite & (np.nan_to_num(ablated).argmax(axis=1) != pred)
+    eligible = [i for i in range(len(small)) if flips[i] and drops[i] > 0 and small[i].area > 0]
+    if not eligible:
         return None, 0.0, None
-    best = float(drops[flips].max())
+    best = max(float(drops[i]) for i in eligible)
     # Among flipping segments within 90% of the largest drop, the smallest one: a larger
-    # segment that merely contains the trigger also flips, but its box is loose.
-    near = [i for i in np.flatnonzero(flips) if drops[i] >= 0.9 * best]
-    chosen = min(near, key=lambda i: small[i].area)
+    # segment that merely contains the trigger also flips, but its box is loose. `best` is
+    # positive here, so the best segment itself is always within reach.
+    near = [i for i in eligible if drops[i] >= 0.9 * best]
+    chosen = min(near, key=lambda i: (small[i].area, i))
     return small[chosen], float(drops[chosen]), int(ablated[chosen].argmax())
 
 
 def _object_labels(object_probs: np.ndarray) -> tuple[int, ...]:
-    """S(x): the confident crop labels, most confident first."""
-    confident = [(float(p.max()), int(p.argmax())) for p in object_probs if p.max() >= OBJECT_CONFIDENCE]
-    return tuple(dict.fromkeys(label for _, label in sorted(confident, reverse=True)))
+    """S(x): the confident crop labels, most confident first (ties: the lower class index).
+
+    `object_probs`: float (n_objects, C). Rows with a non-finite value (a broken engine) name
+    nothing.
+    """
+    rows = np.asarray(object_probs, dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[1] == 0:
+        return ()
+    usable = [p for p in rows if np.isfinite(p).all() and p.max() >= OBJECT_CONFIDENCE]
+    confident = [(-float(p.max()), int(p.argmax())) for p in usable]
+    return tuple(dict.fromkeys(label for _, label in sorted(confident)))
 
 
 def _covers(segment: Segment, candidate: Segment) -> bool:
-    """Whether the object's box crop shows at least half of the candidate."""
+    """Whether the object's box crop shows at least half of the candidate (an empty one: never)."""
+    total = int(candidate.mask.sum())
+    if total == 0 or segment.mask.shape != candidate.mask.shape:
+        return False
     height, width = segment.mask.shape
     x0, y0, x1, y1 = pixel_box(segment.box, height, width)
-    return bool(candidate.mask[y0:y1, x0:x1].sum() >= 0.5 * candidate.mask.sum())
+    return bool(candidate.mask[y0:y1, x0:x1].sum() >= 0.5 * total)

@@ -47,6 +47,8 @@ def suspect_classes(checks: Sequence[ImageCheck], n_classes: int) -> dict[int, f
     counts = np.zeros(n_classes, int)
     disagreements = np.zeros(n_classes, int)
     for check in checks:
+        if not 0 <= check.pred < n_classes:
+            continue
         counts[check.pred] += 1
         disagreements[check.pred] += check.disagrees
     suspects = {}
@@ -64,7 +66,13 @@ def suspect_classes(checks: Sequence[ImageCheck], n_classes: int) -> dict[int, f
 def build_prototype(
     images: Sequence[np.ndarray], boxes: Sequence[tuple[float, float, float, float]]
 ) -> Prototype:
-    """Median of the boxes' pixels, each resized to the boxes' median side in pixels."""
+    """Median of the boxes' pixels, each resized to the boxes' median side in pixels.
+
+    `images`: uint8 RGB (H, W, 3), one per box (at least one). Every box gives at least one pixel
+    (`pixel_box` clips), so the prototype is at least 1x1.
+    """
+    if not boxes or len(images) != len(boxes):
+        raise ValueError("a prototype needs one image per box, and at least one box")
     crops = [_box_pixels(image, box) for image, box in zip(images, boxes, strict=True)]
     side = int(np.median([max(c.shape[:2]) for c in crops]))
     stack = np.stack([_resize(c, side, side) for c in crops])
@@ -74,10 +82,12 @@ def build_prototype(
 def paste(image: np.ndarray, prototype: Prototype, box: tuple[float, float, float, float]) -> np.ndarray:
     """The prototype resized into `box` (normalized) of a copy of `image`."""
     height, width = image.shape[:2]
-    x0, y0 = int(round(box[0] * width)), int(round(box[1] * height))
-    w = max(2, int(round((box[2] - box[0]) * width)))
-    h = max(2, int(round((box[3] - box[1]) * height)))
-    x0, y0 = min(x0, width - w), min(y0, height - h)
+    left, top, right, bottom = np.clip(np.nan_to_num(np.asarray(box, np.float64)), 0.0, 1.0)
+    # At least 2 px each way (a 1-px paste loses the pattern), never more than the image.
+    w = min(width, max(2, int(round((right - left) * width))))
+    h = min(height, max(2, int(round((bottom - top) * height))))
+    x0 = max(0, min(int(round(left * width)), width - w))
+    y0 = max(0, min(int(round(top * height)), height - h))
     out = image.copy()
     out[y0 : y0 + h, x0 : x0 + w] = _resize(prototype.pixels, h, w)
     return out
@@ -97,12 +107,12 @@ def transplant_test(
     """
     rng = np.random.default_rng(seed)
     chosen = [i for i, label in enumerate(clean_labels) if label != target]
-    if not chosen:
+    if not chosen or not prototype.boxes:
         return 0.0, {}
     pasted = [
         paste(clean[i], prototype, prototype.boxes[int(rng.integers(len(prototype.boxes)))]) for i in chosen
     ]
-    hits = score(pasted).argmax(axis=1) == target
+    hits = top1(score(pasted)) == target
     per_class: dict[int, list[bool]] = {}
     for i, hit in zip(chosen, hits, strict=True):
         per_class.setdefault(clean_labels[i], []).append(bool(hit))
@@ -133,8 +143,10 @@ def overlay_transplant_test(
     ]
     if not chosen:
         return 0.0, {}
-    overlaid = [np.clip(clean[i].astype(np.float32) + pattern, 0, 255).astype(np.uint8) for i in chosen]
-    hits = score(overlaid).argmax(axis=1) == target
+    overlaid = [
+        np.clip(clean[i].astype(np.float32) + np.nan_to_num(pattern), 0, 255).astype(np.uint8) for i in chosen
+    ]
+    hits = top1(score(overlaid)) == target
     per_class: dict[int, list[bool]] = {}
     for i, hit in zip(chosen, hits, strict=True):
         per_class.setdefault(clean_labels[i], []).append(bool(hit))
@@ -167,13 +179,14 @@ def find_victims(
     ablated = score(
         [ablate_segment(image, box_mask(image, box)) for image, (box, _) in zip(images, located, strict=True)]
     )
+    ablated_top1 = top1(ablated)
     victims = []
     for i, check in enumerate(checks):
         box, similarity = located[i]
-        drop = float(target_probs[i] - ablated[i, target])
-        flipped = int(ablated[i].argmax()) != target
+        drop = float(target_probs[i] - ablated[i, target])  # NaN fails every test below
+        flipped = ablated_top1[i] not in (target, -1)
         if check.pred == target and similarity >= MATCH_THRESHOLD and drop >= FLIP_THRESHOLD and flipped:
-            label = int(ablated[i].argmax())
+            label = int(ablated_top1[i])
             victims.append(Victim(check.index, box, label, round(float(similarity * drop), 4)))
     return victims
 
@@ -183,12 +196,25 @@ def _locate(image: np.ndarray, prototype: Prototype) -> tuple[tuple[float, float
     from skimage.feature import match_template
 
     height, width = image.shape[:2]
-    rel_w, rel_h = prototype.relative_size
-    w, h = max(2, int(round(rel_w * width))), max(2, int(round(rel_h * height)))
+    rel_w, rel_h = (float(np.nan_to_num(v)) for v in prototype.relative_size)
+    w = min(width, max(2, int(round(rel_w * width))))
+    h = min(height, max(2, int(round(rel_h * height))))
     template = _resize(prototype.pixels, h, w).astype(np.float32)
-    response = match_template(image.astype(np.float32), template, pad_input=False)[..., 0]
+    # A flat template or image has no defined correlation (NaN): it matches nothing.
+    response = np.nan_to_num(
+        match_template(image.astype(np.float32), template, pad_input=False)[..., 0], nan=-1.0, posinf=-1.0
+    )
     y, x = np.unravel_index(int(response.argmax()), response.shape)
-    return (x / width, y / height, (x + w) / width, (y + h) / height), float(response.max())
+    return (x / width, y / height, (x + w) / width, (y + h) / height), float(response[y, x])
+
+
+def top1(probs: np.ndarray) -> np.ndarray:
+    """int64 (n,) argmax of each row of float (n, C); -1 for a row with a non-finite value."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] == 0:
+        return np.full(len(probs), -1, np.int64)
+    finite = np.isfinite(probs).all(axis=1)
+    return np.where(finite, np.nan_to_num(probs).argmax(axis=1), -1).astype(np.int64)
 
 
 def box_mask(image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The `clip-audit` command line: a thin layer over the library.
 
 `main()` owns the exit codes (DESIGN §2): 0 nothing found at or above --fail-on, 1 backdoor
-found, 2 usage or input error, 3 environment error, 4 internal error, 130 interrupted.
+found, 2 usage or input error, 3 environment error, 4 internal error, 5 scan incomplete (report
+written, some images could not be checked), 130 interrupted.
 Click's own errors (exit 1 by default) are mapped to 2, so 1 only ever means findings.
 """
 

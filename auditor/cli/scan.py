@@ -22,9 +22,13 @@ from auditor.cli.options import (
     precision_option,
     seed_option,
 )
-from auditor.report import SEVERITIES, Report
+from auditor.report import SEVERITIES, Report, failure_summary
 
 EXIT_FINDINGS = 1
+# The report is written, but some images (or steps) could not be checked: a "clean" there is
+# not a clean bill of health. Not 4, which means no report at all; not 0, which a pipeline
+# would read as a pass. Findings (1) still take precedence: a confirmed backdoor stands.
+EXIT_INCOMPLETE = 5
 
 
 @click.command("scan")
@@ -89,6 +93,13 @@ EXIT_FINDINGS = 1
     show_envvar=True,
     help="Images per predicted class the oracle checks first.",
 )
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    envvar="CLIP_AUDIT_RETRY_FAILED",
+    show_envvar=True,
+    help="On a resumed scan, check again the images that failed last time (default: keep their failure).",
+)
 @batch_size_option
 @seed_option
 def scan_command(
@@ -107,10 +118,12 @@ def scan_command(
     fmt: str,
     fail_on: str,
     per_class: int,
+    retry_failed: bool,
     batch_size: int,
     seed: int,
 ) -> int:
-    """Audit MODEL on DATA: exit 1 if a backdoor is found (see --fail-on), else 0."""
+    """Audit MODEL on DATA: exit 1 if a backdoor is found (see --fail-on), 5 if the scan is
+    incomplete (some images could not be checked; the report lists them), else 0."""
     from auditor.data import open_dataset
     from auditor.models import load_model, sha256_file
     from auditor.oracle import make_oracle
@@ -153,8 +166,11 @@ def scan_command(
             reference=reference_model,
             runners=runners,
             cache=cache,
+            retry_failed=retry_failed,
         )
     report = result.report
+    if report.incomplete:
+        state.warn(f"incomplete scan: {failure_summary(report)}")
     if out is not None:
         from auditor.outputs import write_outputs
 
@@ -168,9 +184,11 @@ def scan_command(
 
 
 def exit_code_for(report: Report, fail_on: str) -> int:
-    """1 when a backdoor of at least `fail_on` severity was found, else 0."""
+    """1 when a backdoor of at least `fail_on` severity was found, else 5 if incomplete, else 0."""
     found = report.verdict == "backdoor" and SEVERITIES.index(report.severity) >= SEVERITIES.index(fail_on)
-    return EXIT_FINDINGS if found else 0
+    if found:
+        return EXIT_FINDINGS
+    return EXIT_INCOMPLETE if report.incomplete else 0
 
 
 def summary_table(report: Report) -> Table:
@@ -200,6 +218,8 @@ def summary_table(report: Report) -> Table:
     ]
     if report.data.skipped:
         rows.append(("skipped files", str(len(report.data.skipped))))
+    if report.incomplete:
+        rows.append(("incomplete", failure_summary(report)))
     for name, value in rows:
         table.add_row(name, value)
     return table

@@ -32,16 +32,34 @@ class Segment:
 
     @classmethod
     def from_mask(cls, mask: np.ndarray) -> Segment:
+        """The segment of a bool mask (H, W); an empty mask gives area 0 and the box (0, 0, 0, 0)."""
         ys, xs = np.nonzero(mask)
         height, width = mask.shape
+        if xs.size == 0:
+            return cls(mask, (0.0, 0.0, 0.0, 0.0), 0.0)
         box = (xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height)
         return cls(mask, box, float(mask.mean()))
 
 
 def pixel_box(box: Box, height: int, width: int) -> tuple[int, int, int, int]:
-    """A normalized box in whole pixels (x0, y0, x1, y1), at least one pixel wide and high."""
-    x0, y0 = int(round(box[0] * width)), int(round(box[1] * height))
-    return x0, y0, max(x0 + 1, int(round(box[2] * width))), max(y0 + 1, int(round(box[3] * height)))
+    """A normalized box in whole pixels (x0, y0, x1, y1), inside the image, at least 1 px each way.
+
+    Total: coordinates outside [0, 1], reversed, NaN or infinite are clipped (NaN reads as 0),
+    so that slicing an (height, width) image with the result never gives an empty region.
+    """
+    height, width = max(1, int(height)), max(1, int(width))
+    left, top, right, bottom = (_unit(v) for v in box)
+    x0 = min(width - 1, int(round(min(left, right) * width)))
+    y0 = min(height - 1, int(round(min(top, bottom) * height)))
+    x1 = min(width, max(x0 + 1, int(round(max(left, right) * width))))
+    y1 = min(height, max(y0 + 1, int(round(max(top, bottom) * height))))
+    return x0, y0, x1, y1
+
+
+def _unit(value: float) -> float:
+    """`value` clipped to [0, 1]; NaN reads as 0."""
+    value = float(value)
+    return 0.0 if value != value else min(1.0, max(0.0, value))
 
 
 class Oracle(Protocol):
