@@ -46,7 +46,9 @@ def _pixels(root: Path, truth: dict) -> dict[str, np.ndarray]:
     return {p["path"]: np.asarray(Image.open(root / p["path"]).convert("RGB")) for p in truth["poisoned"]}
 
 
-def _scan(data: Path, out: Path, oracle, monkeypatch, *extra: str, model: str = "patch-random") -> tuple[int, dict]:
+def _scan(
+    data: Path, out: Path, oracle, monkeypatch, *extra: str, model: str = "patch-random"
+) -> tuple[int, dict]:
     monkeypatch.setattr("auditor.oracle.make_oracle", lambda *args, **kwargs: oracle)
     argv = ["scan", str(checkpoint_path(model)), str(data), "--arch", str(CONFIG_PATH), "--out", str(out)]
     code = run([*argv, "--format", "json", *extra])
@@ -70,7 +72,12 @@ def test_a_failing_image_is_recorded_and_the_findings_still_match_ground_truth(
     assert failed is not None, "the oracle was never shown a poisoned image"
     assert code == 1, "a confirmed backdoor is still a finding"
     assert report["failures"] == [
-        {"path": failed, "stage": "oracle", "error": "RuntimeError", "message": f"injected failure on {failed}"}
+        {
+            "path": failed,
+            "stage": "oracle",
+            "error": "RuntimeError",
+            "message": f"injected failure on {failed}",
+        }
     ]
     assert report["target_labels"] == [truth["target"]]
     planted = {p["path"]: p["box"] for p in truth["poisoned"] if p["path"] != failed}
