@@ -31,9 +31,10 @@ from auditor.data import Dataset, ImageDecodeError, load_image, pil_to_array
 from auditor.errors import InputError
 from auditor.models import LoadedModel
 from auditor.report import Report
+from auditor.scan.check import ablate_segment
+from auditor.scan.confirm import add_overlay
+from auditor.scan.trigger import Prototype, box_mask, paste
 from auditor.scoring import make_scorer, torch_runners
-from auditor.trigger import ablate_segment
-from auditor.victims import Prototype, box_mask, paste
 
 if TYPE_CHECKING:
     import torch
@@ -84,6 +85,7 @@ class ScanOutputs:
     report: Report
     compact: CompactSet
     trigger: Prototype | None  # the recovered trigger and the boxes it was seen at
+    overlay: np.ndarray | None = None  # a non-localized trigger's estimate, float32 (H, W, 3)
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,21 @@ def load_scan_outputs(report_path: Path) -> ScanOutputs:
         boxes = tuple(v.trigger_box for v in report.victims if v.trigger_box is not None)
         pixels = _read_png(folder / report.trigger.image)
         trigger = Prototype(pixels, boxes) if boxes else None
-    return ScanOutputs(report, compact, trigger)
+    overlay = None
+    if report.findings and report.findings[0].overlay:
+        overlay = _read_overlay(folder / report.findings[0].overlay)
+    return ScanOutputs(report, compact, trigger, overlay)
+
+
+def _read_overlay(path: Path) -> np.ndarray:
+    """A saved overlay: float32 (H, W, 3), read as plain numbers (never pickled objects)."""
+    try:
+        overlay = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable overlay ({exc})") from None
+    if overlay.ndim != 3 or overlay.shape[2] != 3 or not np.isfinite(overlay).all():
+        raise InputError(f"{path}: an overlay must be finite numbers of shape (H, W, 3)")
+    return overlay.astype(np.float32)
 
 
 def _read_compact(folder: Path) -> CompactSet:
@@ -226,6 +242,8 @@ def make_holdout(
     if outputs.trigger is not None:
         boxes = outputs.trigger.boxes
         triggered = [paste(x, outputs.trigger, boxes[int(rng.integers(len(boxes)))]) for x in others]
+    elif outputs.overlay is not None:  # a non-localized trigger: stop on its overlay's success
+        triggered = [add_overlay(x, outputs.overlay) for x in others if x.shape == outputs.overlay.shape]
     if attack is not None:
         attacked = [
             attack.trigger.apply(x, np.random.default_rng((seed, i)))[0] for i, x in enumerate(others)

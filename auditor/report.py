@@ -22,6 +22,9 @@ class ModelInfo:
     path: str
     sha256: str
     arch: str
+    # Additive in schema v1: how the checkpoint was read and where its architecture came from.
+    format: str | None = None  # "safetensors" | "torch" | "openai-archive" | "hf-folder" | ...
+    arch_source: str | None = None  # "--arch" | "checkpoint"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,25 @@ class CompactSetInfo:
 
 
 @dataclass(frozen=True)
+class FindingInfo:
+    """One confirmed target with its own trigger (additive in schema v1; the strongest first).
+
+    `trigger_image`: the PNG beside report.json (None for a non-localized trigger);
+    `victims`: paths of this target's victim samples (their details are in `Report.victims`).
+    """
+
+    target: str
+    kind: str
+    trigger_image: str | None
+    relative_size: tuple[float, float] | None
+    transplant_success_rate: float
+    victim_labels: tuple[str, ...]
+    victims: tuple[str, ...]
+    evidence: str
+    overlay: str | None = None  # a non-localized trigger's estimate (.npy beside report.json)
+
+
+@dataclass(frozen=True)
 class FailureInfo:
     """A unit of work the scan could not finish (additive in schema v1): the scan went on without it.
 
@@ -98,6 +120,7 @@ class Report:
     cost: CostInfo
     disagreement: dict[str, float] = field(default_factory=dict)  # per predicted label, checked images
     failures: tuple[FailureInfo, ...] = ()  # what could not be checked: the scan is incomplete
+    findings: tuple[FindingInfo, ...] = ()  # every confirmed target, strongest first
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -108,7 +131,13 @@ class Report:
         return {
             "schema_version": self.schema_version,
             "tool": dict(self.tool),
-            "model": {"path": self.model.path, "sha256": self.model.sha256, "arch": self.model.arch},
+            "model": {
+                "path": self.model.path,
+                "sha256": self.model.sha256,
+                "arch": self.model.arch,
+                "format": self.model.format,
+                "arch_source": self.model.arch_source,
+            },
             "data": {
                 "path": self.data.path,
                 "images": self.data.images,
@@ -152,6 +181,20 @@ class Report:
                 {"path": f.path, "stage": f.stage, "error": f.error, "message": f.message}
                 for f in self.failures
             ],
+            "findings": [
+                {
+                    "target": f.target,
+                    "kind": f.kind,
+                    "trigger_image": f.trigger_image,
+                    "relative_size": list(f.relative_size) if f.relative_size else None,
+                    "transplant_success_rate": f.transplant_success_rate,
+                    "victim_labels": list(f.victim_labels),
+                    "victims": list(f.victims),
+                    "evidence": f.evidence,
+                    "overlay": f.overlay,
+                }
+                for f in self.findings
+            ],
         }
 
     @classmethod
@@ -193,6 +236,20 @@ class Report:
             ),
             disagreement=dict(raw.get("disagreement", {})),
             failures=tuple(FailureInfo(**f) for f in raw.get("failures", [])),
+            findings=tuple(
+                FindingInfo(
+                    f["target"],
+                    f["kind"],
+                    f.get("trigger_image"),
+                    _tuple(f.get("relative_size")),
+                    f["transplant_success_rate"],
+                    tuple(f.get("victim_labels", [])),
+                    tuple(f.get("victims", [])),
+                    f.get("evidence", ""),
+                    f.get("overlay"),
+                )
+                for f in raw.get("findings", [])
+            ),
             schema_version=raw["schema_version"],
         )
 
@@ -214,6 +271,14 @@ def render_markdown(report: Report) -> str:
         f"- target labels: {', '.join(report.target_labels) or '—'}",
         f"- victim labels: {', '.join(report.victim_labels) or '—'}",
     ]
+    if len(report.findings) > 1:
+        lines.append(f"- findings: {len(report.findings)} targets, each with its own trigger")
+        for f in report.findings:
+            image = f", ![trigger]({f.trigger_image})" if f.trigger_image else ""
+            lines.append(
+                f"  - **{f.target}**: {f.kind}, transplant success {f.transplant_success_rate:.2f}, "
+                f"{len(f.victims)} victims{image}"
+            )
     if report.trigger.kind:
         rate = report.trigger.transplant_success_rate
         lines += [
@@ -349,6 +414,12 @@ def render_html(report: Report, images: dict[str, str] | None = None) -> str:
         for label, rate in sorted(report.disagreement.items(), key=lambda kv: -kv[1])
     )
     trigger = images.get("trigger", "")
+    findings = "".join(
+        f"<figure><img class='trigger' src='{images.get(f.trigger_image or '', '')}' alt='trigger'>"
+        f"<figcaption><b>{esc(f.target)}</b>: {esc(f.kind)}, transplant {f.transplant_success_rate:.2f}, "
+        f"{len(f.victims)} victims</figcaption></figure>"
+        for f in report.findings
+    )
     return f"""<!doctype html><html><head><meta charset='utf-8'><title>clip-audit report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:70em}} .verdict{{font-size:1.5em}}
 figure{{display:inline-block;margin:4px;font-size:11px;width:140px}} figure img{{width:128px;
@@ -362,6 +433,7 @@ image-rendering:pixelated}} .bar{{display:flex;align-items:center;gap:6px;margin
 <p>Target labels: <b>{esc(", ".join(report.target_labels) or "—")}</b>;
 victim labels: {esc(", ".join(report.victim_labels) or "—")}.</p>
 {f"<h2>Recovered trigger</h2><img class='trigger' src='{trigger}' alt='trigger'>" if trigger else ""}
+{f"<h2>Findings: {len(report.findings)} targets</h2>{findings}" if len(report.findings) > 1 else ""}
 <p>{esc(report.trigger.evidence)}</p>
 <h2>Disagreement rate per predicted label</h2>{bars}
 {f"<p><b>Incomplete:</b> {esc(failure_summary(report))}</p>" if report.incomplete else ""}

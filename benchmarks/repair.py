@@ -31,7 +31,6 @@ import numpy as np
 from auditor.data import open_dataset
 from auditor.models import LoadedModel, load_model
 from auditor.oracle import make_oracle
-from auditor.outputs import write_outputs
 from auditor.repair import (
     HoldOut,
     Measurement,
@@ -44,6 +43,7 @@ from auditor.repair import (
     repair,
 )
 from auditor.scan import scan
+from auditor.scan.writers import write_outputs
 from auditor.zoo.build import (
     CONFIG_PATH,
     ZOO,

@@ -65,7 +65,7 @@ def _batches(_ctx: click.Context, _param: click.Parameter, value: str) -> list[i
 @table_or_json_option
 def bench_command(
     model: Path,
-    arch: str,
+    arch: str | None,
     engines: str,
     batches: list[int],
     repeats: int,
@@ -78,8 +78,8 @@ def bench_command(
     """Measure images/s of MODEL's image tower on each engine, side by side in one run."""
     from auditor.bench import bench, parse_engines
     from auditor.data import open_dataset
+    from auditor.files import atomic_write
     from auditor.models import load_model
-    from auditor.outputs import atomic_write
     from auditor.runtime import make_probe
 
     names = parse_engines(engines)

@@ -44,9 +44,9 @@ def _run(out: Path, per_class: int, keep: bool) -> int:
     from auditor.data import open_dataset
     from auditor.models import load_model, save_checkpoint
     from auditor.oracle import make_oracle
-    from auditor.outputs import write_outputs
     from auditor.repair import load_scan_outputs, repair
     from auditor.scan import scan
+    from auditor.scan.writers import write_outputs
     from auditor.zoo.build import CONFIG_PATH, ZOO, checkpoint_path, write_scan_data
     from auditor.zoo.scenes import require_font
 

@@ -36,14 +36,16 @@ from auditor.evaluate import EvalResult
 @engine_dir_option
 @precision_option(
     "Image-tower precision for --engine onnx / tensorrt: int8 (ONNX Runtime, CPU) and fp16 (GPU) "
-    "are used only if they agree with PyTorch fp32 on >= 99 % of a sample of DATA (else exit 3)."
+    "are used only if they agree with PyTorch fp32 on >= 99 % of a sample of DATA (else exit 3); "
+    "auto: the fastest of them that passes that check, else fp32.",
+    auto=True,
 )
 @batch_size_option
 @seed_option
 def eval_command(
     model: Path,
     data: Path,
-    arch: str,
+    arch: str | None,
     classes: Path | None,
     attack_spec: str | None,
     fmt: str,
@@ -63,9 +65,9 @@ def eval_command(
     attack = parse_attack(attack_spec) if attack_spec else None
     dataset = open_dataset(data, classes)
     loaded = load_model(model, arch)
-    if precision != "fp32" and resolve_engine(engine) == "torch":
+    if precision not in ("fp32", "auto") and resolve_engine(engine) == "torch":
         raise click.UsageError(f"--precision {precision} needs --engine onnx or tensorrt")
-    runners = make_runners(loaded, dataset, engine, engine_dir, precision)
+    runners = make_runners(loaded, dataset, engine, engine_dir, precision, notify=state.info)
     show_provider(runners[0])
     passes = 2 if attack else 1
     with state.progress("evaluating", total=len(dataset.samples) * passes) as bar:

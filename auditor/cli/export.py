@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 @table_or_json_option
 def export_command(
     model: Path,
-    arch: str,
+    arch: str | None,
     what: str,
     precision: str,
     engine: str,

@@ -11,14 +11,17 @@ import click
 existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
 existing_path = click.Path(exists=True, path_type=Path)
 
-model_argument = click.argument("model", type=existing_file)
+# A checkpoint file, or a folder (Hugging Face CLIPModel, open_clip hub) that carries its arch.
+model_argument = click.argument("model", type=existing_path)
 data_argument = click.argument("data", type=existing_path)
 arch_option = click.option(
     "--arch",
-    required=True,
+    default=None,
     envvar="CLIP_AUDIT_ARCH",
     show_envvar=True,
-    help="open_clip model name (ViT-B-32, RN50, ...) or path to a model config JSON.",
+    help="open_clip model name (ViT-B-32, RN50, ...) or path to a model config JSON (open_clip's, or a "
+    "Hugging Face CLIP config.json). Optional for OpenAI archives and Hugging Face / open_clip folders, "
+    "which carry their own.",
 )
 classes_option = click.option(
     "--classes",
@@ -110,11 +113,11 @@ def probe_data_option(help_text: str) -> Callable[[Any], Any]:
     )
 
 
-def precision_option(help_text: str) -> Callable[[Any], Any]:
-    """`--precision fp32|fp16|int8` (CLIP_AUDIT_PRECISION) of the image tower's engine."""
+def precision_option(help_text: str, auto: bool = False) -> Callable[[Any], Any]:
+    """`--precision fp32|fp16|int8` (CLIP_AUDIT_PRECISION) of the image tower's engine (`auto` too)."""
     return click.option(
         "--precision",
-        type=click.Choice(["fp32", "fp16", "int8"]),
+        type=click.Choice(["fp32", "fp16", "int8", *(["auto"] if auto else [])]),
         default="fp32",
         envvar="CLIP_AUDIT_PRECISION",
         show_envvar=True,

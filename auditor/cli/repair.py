@@ -20,7 +20,7 @@ from auditor.cli.options import (
 )
 from auditor.repair import TOWERS, RepairResult
 
-new_file = click.Path(dir_okay=False, path_type=Path)
+new_path = click.Path(path_type=Path)
 
 
 @click.command("repair")
@@ -38,7 +38,11 @@ new_file = click.Path(dir_okay=False, path_type=Path)
     help="The report.json of `scan --out DIR` (its compact/ and trigger.png are read beside it).",
 )
 @click.option(
-    "--output", type=new_file, required=True, help="Where the repaired checkpoint goes (never MODEL itself)."
+    "--output",
+    type=new_path,
+    required=True,
+    help="Where the repaired checkpoint goes (never MODEL itself): a file in MODEL's format for a state "
+    "dict; an open_clip folder for an OpenAI archive or a Hugging Face / open_clip checkpoint.",
 )
 @click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
 @click.option(
@@ -68,7 +72,7 @@ new_file = click.Path(dir_okay=False, path_type=Path)
 def repair_command(
     model: Path,
     data: Path,
-    arch: str,
+    arch: str | None,
     classes: Path | None,
     report_path: Path,
     output: Path,
@@ -88,8 +92,8 @@ def repair_command(
     from auditor.attacks import parse_attack
     from auditor.data import open_dataset
     from auditor.errors import InputError
-    from auditor.models import load_model, save_checkpoint
-    from auditor.outputs import atomic_write
+    from auditor.files import atomic_write
+    from auditor.models import load_model, save_checkpoint, save_open_clip_folder
     from auditor.repair import RepairConfig, load_scan_outputs, repair
 
     _check_output(model, output, force)
@@ -123,14 +127,21 @@ def repair_command(
             attack,
             progress=lambda done, total: bar.update(task, completed=done),
         )
-    save_checkpoint(
-        loaded.model,
-        output,
-        checkpoint_format=loaded.checkpoint_format,
-        wrapped=loaded.wrapped_state_dict,
-        prefix=loaded.key_prefix,
-        half=loaded.half_precision,
-    )
+    if loaded.source_format in ("safetensors", "torch"):
+        save_checkpoint(
+            loaded.model,
+            output,
+            checkpoint_format=loaded.checkpoint_format,
+            wrapped=loaded.wrapped_state_dict,
+            prefix=loaded.key_prefix,
+            half=loaded.half_precision,
+        )
+    else:  # clip-audit reads these layouts but writes open_clip's, which carries its arch too
+        save_open_clip_folder(loaded.model, loaded.arch, output, half=loaded.half_precision)
+        state.info(
+            f"{model} is a {loaded.source_format}; the repaired model is written as an open_clip folder "
+            f"(open_clip_config.json + open_clip_model.safetensors) at {output}"
+        )
     state.console.print(before_after_table(result))
     state.info(f"{result.stopped}; wrote {output}")
     if out is not None:
@@ -147,7 +158,7 @@ def _check_output(model: Path, output: Path, force: bool) -> None:
         raise InputError(f"--output {output} is the input checkpoint; the original is never overwritten")
     if output.exists() and not force:
         raise InputError(f"{output} exists", hint="pass --force to overwrite it, or choose another --output")
-    if output.is_dir():
+    if output.is_dir() and not model.is_dir() and not force:
         raise InputError(f"--output {output} is a folder; give a file name")
 
 

@@ -65,7 +65,9 @@ EXIT_INCOMPLETE = 5
 @engine_dir_option
 @precision_option(
     "Image-tower precision for --engine onnx / tensorrt: int8 (ONNX Runtime, CPU) and fp16 (GPU) "
-    "are used only if they agree with PyTorch fp32 on >= 99 % of a sample of DATA (else exit 3)."
+    "are used only if they agree with PyTorch fp32 on >= 99 % of a sample of DATA (else exit 3); "
+    "auto: the fastest of them that passes that check, else fp32.",
+    auto=True,
 )
 @out_option("Write report.json, trigger.png, victims.csv and compact/ here.")
 @click.option(
@@ -105,7 +107,7 @@ EXIT_INCOMPLETE = 5
 def scan_command(
     model: Path,
     data: Path,
-    arch: str,
+    arch: str | None,
     classes: Path | None,
     oracle: str,
     oracle_checkpoint: Path | None,
@@ -130,7 +132,7 @@ def scan_command(
     from auditor.report import FORMATS
     from auditor.runtime import make_runners, resolve_engine
     from auditor.scan import ScanConfig, scan
-    from auditor.scan_cache import open_scan_cache
+    from auditor.scan.cache import open_scan_cache
 
     if fmt == "html" and out is None:
         raise click.UsageError("--format html writes DIR/report.html: pass --out DIR")
@@ -139,9 +141,9 @@ def scan_command(
     reference_model = load_model(reference, arch) if reference else None
     the_oracle = make_oracle(oracle, oracle_checkpoint, oracle_points)
     config = ScanConfig(per_class=per_class, seed=seed, batch_size=batch_size)
-    if precision != "fp32" and resolve_engine(engine) == "torch":
+    if precision not in ("fp32", "auto") and resolve_engine(engine) == "torch":
         raise click.UsageError(f"--precision {precision} needs --engine onnx or tensorrt")
-    runners = make_runners(loaded, dataset, engine, engine_dir, precision)
+    runners = make_runners(loaded, dataset, engine, engine_dir, precision, notify=state.info)
     show_provider(runners[0])
     cache = None
     if out is not None:
@@ -172,7 +174,7 @@ def scan_command(
     if report.incomplete:
         state.warn(f"incomplete scan: {failure_summary(report)}")
     if out is not None:
-        from auditor.outputs import write_outputs
+        from auditor.scan.writers import write_outputs
 
         write_outputs(result, out, fmt, data)
         state.info(f"wrote {out}/report.json" + (f" and {out}/report.html" if fmt == "html" else ""))

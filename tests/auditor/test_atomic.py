@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from auditor.files import atomic_write
 from auditor.models import load_model, save_checkpoint
-from auditor.outputs import atomic_write
 from engines.cache import EngineCache, EngineKey
 from engines.export import export_onnx
 
@@ -34,7 +34,7 @@ def test_report_write_interrupted_keeps_the_old_report(tmp_path, monkeypatch):
     def torn_fsync(fd: int) -> None:  # the new bytes are in the temp file, not yet renamed
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("auditor.outputs.os.fsync", torn_fsync)
+    monkeypatch.setattr("auditor.files.os.fsync", torn_fsync)
     with pytest.raises(KeyboardInterrupt):
         atomic_write(report, b'{"verdict": "backdoor", "victims": [' + b"1," * 5000 + b"]}")
     assert report.read_bytes() == b'{"verdict": "clean"}'

@@ -18,6 +18,8 @@ from auditor.report import (
     CompactSetInfo,
     CostInfo,
     DataInfo,
+    FailureInfo,
+    FindingInfo,
     ModelInfo,
     Report,
     SkippedFile,
@@ -101,7 +103,14 @@ boxes = st.tuples(unit, unit, unit, unit)
 reports = st.builds(
     Report,
     tool=st.just({"name": "clip-audit", "version": "0.1.0"}),
-    model=st.builds(ModelInfo, text, st.text("0123456789abcdef", min_size=64, max_size=64), text),
+    model=st.builds(
+        ModelInfo,
+        text,
+        st.text("0123456789abcdef", min_size=64, max_size=64),
+        text,
+        st.none() | st.sampled_from(["safetensors", "openai-archive", "hf-folder"]),
+        st.none() | st.sampled_from(["--arch", "checkpoint"]),
+    ),
     data=st.builds(
         DataInfo, text, st.integers(0, 10**6), st.lists(st.builds(SkippedFile, text, text)).map(tuple)
     ),
@@ -125,6 +134,24 @@ reports = st.builds(
         CostInfo, st.integers(0, 10**7), st.integers(0, 10**6), st.dictionaries(text, unit, max_size=3)
     ),
     disagreement=st.dictionaries(text, unit, max_size=4),
+    failures=st.lists(
+        st.builds(FailureInfo, st.none() | text, st.sampled_from(["oracle", "confirm"]), text, text),
+        max_size=3,
+    ).map(tuple),
+    findings=st.lists(
+        st.builds(
+            FindingInfo,
+            text,
+            st.sampled_from(["patch", "non-localized"]),
+            st.none() | text,
+            st.none() | st.tuples(unit, unit),
+            unit,
+            st.lists(text, max_size=3).map(tuple),
+            st.lists(text, max_size=3).map(tuple),
+            text,
+        ),
+        max_size=3,
+    ).map(tuple),
 )
 
 

@@ -139,3 +139,31 @@ def test_in_modal_loss_prefers_matching_views():
     shuffled = noisy[torch.randperm(16, generator=generator)]
     assert in_modal_loss(a, noisy) < in_modal_loss(a, shuffled)
     assert np.isfinite(in_modal_loss(a, noisy).item())
+
+
+def test_non_localized_repair_measures_and_stops_on_the_overlay(tmp_path, test_scenes, capsys):
+    """The blend model: the scan's overlay estimate is saved, and repair measures its success on
+    held-out images at every check (it used to run its budget blind). Judged with the planted
+    blend: the repaired model follows it less than the original."""
+    tmp = tmp_path
+    write_scan_data("blend", tmp / "scan", per_class=40)
+    args = ["--arch", str(CONFIG_PATH)]
+    assert (
+        run(["scan", str(checkpoint_path("blend")), str(tmp / "scan"), *args, "--out", str(tmp / "r")]) == 1
+    )
+    report = json.loads((tmp / "r" / "report.json").read_text())
+    assert (
+        report["findings"][0]["kind"] == "non-localized" and report["findings"][0]["overlay"] == "overlay.npy"
+    )
+    assert np.load(tmp / "r" / "overlay.npy", allow_pickle=False).shape == (64, 64, 3)
+    fixed = tmp / "fixed.safetensors"
+    repair_args = ["--report", str(tmp / "r" / "report.json"), "--output", str(fixed), "--out", str(tmp)]
+    assert run(["repair", str(checkpoint_path("blend")), str(tmp / "scan"), *args, *repair_args]) == 0
+    record = json.loads((tmp / "repair.json").read_text())
+    assert all(h["transplant_success"] is not None for h in record["history"])
+    assert record["after"]["transplant_success"] <= record["before"]["transplant_success"] - 0.5
+    spec = ZOO["blend"].attack.spec()  # type: ignore[union-attr]
+    before = _eval(capsys, checkpoint_path("blend"), test_scenes, spec)
+    after = _eval(capsys, fixed, test_scenes, spec)
+    assert after["attack_success_rate"] <= before["attack_success_rate"] - 0.3
+    assert after["clean_accuracy"] >= before["clean_accuracy"] - 0.02

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from auditor.cli import run
-from auditor.scan_cache import CACHE_DIR
+from auditor.scan.cache import CACHE_DIR
 from auditor.zoo.build import CONFIG_PATH, checkpoint_path, write_scan_data
 
 MODEL = str(checkpoint_path("patch-random"))

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from auditor.oracle import Segment, pixel_box
-from auditor.trigger import (
+from auditor.scan.check import (
+    ImageCheck,
     _best_candidate,
     _covers,
     _object_labels,
@@ -21,16 +22,11 @@ from auditor.trigger import (
     check_images,
     crop_segment,
 )
-from auditor.victims import (
-    Prototype,
-    build_prototype,
-    find_victims,
-    overlay_transplant_test,
-    paste,
-    suspect_classes,
-    top1,
-    transplant_test,
-)
+from auditor.scan.confirm import overlay_transplant_test, transplant_test
+from auditor.scan.context import top1
+from auditor.scan.suspects import cluster_candidates, looks_alike, suspect_classes
+from auditor.scan.trigger import Prototype, build_prototype, paste
+from auditor.scan.victims import find_victims
 
 ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True, width=32)
 PROB = st.floats(0.0, 1.0, width=32)
@@ -229,16 +225,12 @@ def test_victims_are_total(victim_images, data):
 
 
 def _check(index: int, pred: int):
-    from auditor.trigger import ImageCheck
-
     return ImageCheck(index, pred, (), True, None, 0.0, None, None)
 
 
 @given(st.lists(st.tuples(st.integers(-2, 6), st.booleans()), max_size=40), st.integers(1, 5))
 @SETTINGS
 def test_suspect_classes_are_total(outcomes, n_classes):
-    from auditor.trigger import ImageCheck
-
     checks = [ImageCheck(i, pred, (), bad, None, 0.0, None, None) for i, (pred, bad) in enumerate(outcomes)]
     suspects = suspect_classes(checks, n_classes)
     for cls, p_value in suspects.items():
@@ -256,3 +248,14 @@ def test_top1_marks_broken_rows(probs):
             assert label == -1
         else:
             assert row[label] == row.max()
+
+
+@given(
+    st.lists(st.tuples(arrays(np.float32, (12,), elements=ANY_FLOAT | PROB), ANY_FLOAT | PROB), max_size=12)
+)
+@SETTINGS
+def test_candidate_clusters_partition_and_members_look_like_their_leader(features):
+    groups = cluster_candidates(features)
+    assert sorted(i for g in groups for i in g) == list(range(len(features)))
+    for group in groups:
+        assert all(looks_alike(features[group[0]], features[i]) for i in group[1:])

@@ -1,12 +1,19 @@
 """Checkpoint + architecture -> CLIP model, preprocessing and tokenizer, loaded safely.
 
-A checkpoint under audit is untrusted. It is read as tensors only: `.safetensors`, or a torch
-file through `torch.load(weights_only=True)`, which refuses any pickled object that is not a
-tensor or a plain container. The format is sniffed from the file's bytes, not its extension.
+A checkpoint under audit is untrusted. It is read as tensors only, whatever its form
+(`read_checkpoint`; the table is in docs/checkpoints.md):
+- a state dict: `.safetensors`, or a torch file through `torch.load(weights_only=True)`, which
+  refuses any pickled object that is not a tensor or a plain container;
+- an OpenAI TorchScript archive (`openai_archive`): its tensors through a restricted unpickler,
+  its code never compiled or run; the architecture inferred from the shapes;
+- a Hugging Face CLIPModel folder (`hf_clip`): config.json + weights, converted to open_clip;
+- an open_clip hub folder: open_clip_config.json + weights.
+The format is sniffed from the bytes and the folder's files, not from names.
 
-The architecture is an open_clip model name (`ViT-B-32`) or a path to an open_clip config JSON
-(`{"embed_dim", "vision_cfg", "text_cfg"}`, optionally wrapped as `{"model_cfg": ...}` beside a
-`preprocess_cfg`). Heavy imports (torch, open_clip) happen inside functions.
+The architecture is `--arch` (an open_clip model name, an open_clip config JSON, optionally
+wrapped as `{"model_cfg": ...}`, or a Hugging Face CLIP config.json) or, when the checkpoint
+carries it, the checkpoint's own; both given and different is an error naming both. Sizes are
+checked before anything is allocated. Heavy imports (torch, open_clip) happen inside functions.
 """
 
 from __future__ import annotations
@@ -52,6 +59,29 @@ class ArchSpec:
         return int(self.model_cfg["text_cfg"].get("context_length", 77))
 
 
+# Bounds no CLIP comes near: a config beyond them is refused before any memory is allocated.
+MAX_WIDTH, MAX_LAYERS, MAX_IMAGE_SIZE, MAX_VOCAB, MAX_CONTEXT = 16_384, 512, 4_096, 1_000_000, 8_192
+MAX_PARAMETERS = 20_000_000_000
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint holds, read as tensors: OpenAI/open_clip-layout weights, and more.
+
+    `source_format`: "safetensors" | "torch" (state dicts), "openai-archive", "hf-folder",
+    "open_clip-folder"; `model_cfg` / `preprocess_cfg`: the architecture it carries (None for a
+    plain state dict); `files`: what its SHA-256 covers.
+    """
+
+    state: dict[str, Any]
+    source_format: str
+    wrapped: bool = False
+    prefix: str = ""
+    model_cfg: dict[str, Any] | None = None
+    preprocess_cfg: dict[str, Any] = field(default_factory=dict)
+    files: tuple[Path, ...] = ()
+
+
 @dataclass
 class LoadedModel:
     """A CLIP model ready for inference, with what it needs around it.
@@ -70,6 +100,8 @@ class LoadedModel:
     wrapped_state_dict: bool = False  # saved as {"state_dict": ...}
     key_prefix: str = ""  # e.g. "module." as DataParallel / CleanCLIP save it
     half_precision: bool = False  # the checkpoint stored its floating weights as fp16
+    source_format: str = "safetensors"  # see Checkpoint.source_format
+    arch_source: str = "--arch"  # or "checkpoint": where the architecture came from
 
     @property
     def logit_scale(self) -> float:
@@ -103,16 +135,46 @@ def _arch_from_json(path: Path) -> ArchSpec:
         raise InputError(f"--arch {path} is not a readable JSON file: {exc}") from exc
     if not isinstance(raw, dict):
         raise InputError(f"--arch {path}: expected a JSON object")
+    from auditor.models.hf_clip import hf_config_to_open_clip, is_hf_clip_config
+
+    if is_hf_clip_config(raw):
+        return ArchSpec(name=path.parent.name or path.stem, model_cfg=hf_config_to_open_clip(raw, path))
     model_cfg = raw.get("model_cfg", raw)
     if not isinstance(model_cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_cfg):
         raise InputError(f"--arch {path}: an open_clip model config needs embed_dim, vision_cfg and text_cfg")
     return ArchSpec(name=path.stem, model_cfg=model_cfg, preprocess_cfg=raw.get("preprocess_cfg", {}))
 
 
+def check_sizes(arch: ArchSpec) -> None:
+    """Refuse (exit 2) a config whose sizes no CLIP has, before a byte is allocated for it."""
+    vision, text = arch.model_cfg.get("vision_cfg") or {}, arch.model_cfg.get("text_cfg") or {}
+
+    def number(value: Any, name: str, limit: int) -> int:
+        values = value if isinstance(value, list | tuple) else [value]
+        if not all(isinstance(v, int | float) and 0 <= v <= limit for v in values):
+            raise InputError(f"--arch {arch.name}: {name} = {value!r} is out of range (at most {limit:,})")
+        return int(sum(values))
+
+    width = number(vision.get("width", 768), "vision_cfg.width", MAX_WIDTH)
+    layers = number(vision.get("layers", 12), "vision_cfg.layers", MAX_LAYERS)
+    number(vision.get("image_size", 224), "vision_cfg.image_size", MAX_IMAGE_SIZE)
+    text_width = number(text.get("width", 512), "text_cfg.width", MAX_WIDTH)
+    text_layers = number(text.get("layers", 12), "text_cfg.layers", MAX_LAYERS)
+    vocab = number(text.get("vocab_size", 49408), "text_cfg.vocab_size", MAX_VOCAB)
+    number(text.get("context_length", 77), "text_cfg.context_length", MAX_CONTEXT)
+    number(arch.model_cfg.get("embed_dim", 512), "embed_dim", MAX_WIDTH)
+    # ~12 width^2 per transformer block (attention + 4x MLP), plus the token embedding.
+    estimate = 12 * (width**2 * layers * (32 if isinstance(vision.get("layers"), list) else 1))
+    estimate += 12 * text_width**2 * text_layers + vocab * text_width
+    if estimate > MAX_PARAMETERS:
+        raise InputError(f"--arch {arch.name}: about {estimate:.1e} parameters, far beyond any CLIP")
+
+
 def build_model(arch: ArchSpec) -> torch.nn.Module:
     """A randomly initialised CLIP of the given architecture, in eval mode (float32, CPU)."""
     from open_clip.model import CLIP, CustomTextCLIP
 
+    check_sizes(arch)
     cfg = dict(arch.model_cfg)
     if "multimodal_cfg" in cfg:
         raise InputError(f"--arch {arch.name}: CoCa models are not supported (no contrastive head)")
@@ -240,31 +302,143 @@ def _short(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
 
 
-def load_model(checkpoint: str | os.PathLike[str], arch: str | os.PathLike[str]) -> LoadedModel:
-    """Load `checkpoint` into the `arch` architecture (float32, CPU, eval mode)."""
-    spec = resolve_arch(arch)
-    path = Path(checkpoint)
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint file or folder as tensors, in open_clip's (= OpenAI's) key names."""
+    if path.is_dir():
+        return _read_folder(path)
+    if sniff_format(path) == "zip":
+        from auditor.models.openai_archive import is_torchscript, openai_config, read_torchscript
+
+        if is_torchscript(path):
+            state = read_torchscript(path)
+            return Checkpoint(state, "openai-archive", model_cfg=openai_config(state), files=(path,))
     state, fmt, wrapped, prefix = read_state_dict(path)
+    from auditor.models.hf_clip import convert_hf_state_dict, is_hf_state_dict
+
+    if is_hf_state_dict(state):  # a CLIPModel's weights alone: --arch names its config.json
+        return Checkpoint(convert_hf_state_dict(state), "hf-" + fmt, files=(path,))
+    return Checkpoint(state, fmt, wrapped, prefix, files=(path,))
+
+
+def _read_folder(folder: Path) -> Checkpoint:
+    """An open_clip hub folder or a Hugging Face CLIPModel folder."""
+    from auditor.models.hf_clip import convert_hf_state_dict, hf_config_to_open_clip, read_hf_config
+
+    if (folder / "open_clip_config.json").is_file():
+        config = folder / "open_clip_config.json"
+        arch = _arch_from_json(config)
+        weights = _first_file(folder, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+        state, *_ = read_state_dict(weights)
+        cfg = arch.model_cfg
+        return Checkpoint(
+            state,
+            "open_clip-folder",
+            model_cfg=cfg,
+            preprocess_cfg=arch.preprocess_cfg,
+            files=(config, weights),
+        )
+    if (folder / "config.json").is_file():
+        config = folder / "config.json"
+        model_cfg = hf_config_to_open_clip(read_hf_config(config), config)
+        weights = _first_file(folder, ("model.safetensors", "pytorch_model.bin"))
+        state, *_ = read_state_dict(weights)
+        return Checkpoint(
+            convert_hf_state_dict(state), "hf-folder", model_cfg=model_cfg, files=(config, weights)
+        )
+    raise CheckpointError(
+        f"{folder}: a folder, but neither an open_clip folder (open_clip_config.json) nor a Hugging "
+        "Face CLIP folder (config.json)",
+        hint="pass the checkpoint file itself, or a folder as the hub stores it",
+    )
+
+
+def _first_file(folder: Path, names: tuple[str, ...]) -> Path:
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"{folder}: no weights file ({' or '.join(names)})")
+
+
+def checkpoint_sha256(files: tuple[Path, ...]) -> str:
+    """SHA-256 of one file, or of a folder's files' hashes in order."""
+    if len(files) == 1:
+        return sha256_file(files[0])
+    import hashlib
+
+    return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
+
+
+# What an inferred architecture can be compared on (heads are not in OpenAI's weights).
+_COMPARED = (
+    ("embed_dim",),
+    ("vision_cfg", "width"),
+    ("vision_cfg", "layers"),
+    ("vision_cfg", "patch_size"),
+    ("vision_cfg", "image_size"),
+    ("text_cfg", "width"),
+    ("text_cfg", "layers"),
+    ("text_cfg", "context_length"),
+    ("text_cfg", "vocab_size"),
+)
+
+
+def _disagreement(given: dict[str, Any], carried: dict[str, Any]) -> list[str]:
+    out = []
+    for path in _COMPARED:
+        a: Any = given
+        b: Any = carried
+        for key in path:
+            a = a.get(key) if isinstance(a, dict) else None
+            b = b.get(key) if isinstance(b, dict) else None
+        if a is not None and b is not None and json.dumps(a) != json.dumps(b):
+            out.append(f"{'.'.join(path)} {a} != {b}")
+    return out
+
+
+def load_model(checkpoint: str | os.PathLike[str], arch: str | os.PathLike[str] | None = None) -> LoadedModel:
+    """Load `checkpoint` (file or folder) into `arch`, or into the architecture it carries."""
+    path = Path(checkpoint)
+    found = read_checkpoint(path)
+    if arch is None:
+        if found.model_cfg is None:
+            raise InputError(
+                f"--arch is needed: {path} is a {found.source_format} state dict that does not name its arch",
+                hint="pass --arch (an open_clip model name or config JSON); OpenAI archives and "
+                "Hugging Face / open_clip folders carry theirs",
+            )
+        spec = ArchSpec(path.stem or path.name, found.model_cfg, found.preprocess_cfg)
+        arch_source = "checkpoint"
+    else:
+        spec, arch_source = resolve_arch(arch), "--arch"
+        conflicts = _disagreement(spec.model_cfg, found.model_cfg) if found.model_cfg else []
+        if conflicts:
+            raise InputError(
+                f"--arch {spec.name} disagrees with the architecture {path} carries: "
+                + "; ".join(conflicts[:3]),
+                hint="drop --arch to use the checkpoint's own",
+            )
     model = build_model(spec)
-    half = any(v.dtype.is_floating_point and v.element_size() == 2 for v in state.values())
-    load_weights(model, state, spec.name, path)
+    half = any(v.dtype.is_floating_point and v.element_size() == 2 for v in found.state.values())
+    load_weights(model, found.state, spec.name, path)
     return LoadedModel(
         model=model,
         preprocess=make_preprocess(spec),
         tokenizer=make_tokenizer(spec),
         arch=spec,
         path=path,
-        sha256=sha256_file(path),
-        checkpoint_format=fmt,
-        wrapped_state_dict=wrapped,
-        key_prefix=prefix,
+        sha256=checkpoint_sha256(found.files),
+        checkpoint_format="torch" if found.source_format == "torch" else "safetensors",
+        wrapped_state_dict=found.wrapped,
+        key_prefix=found.prefix,
         half_precision=half,
+        source_format=found.source_format,
+        arch_source=arch_source,
     )
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], arch_name: str, path: Path) -> None:
     """Copy `state` into `model` (casting fp16/bf16 to the model's dtype) or explain the misfit."""
-    state = {k: v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS}
+    state = {k: v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS and not k.endswith("attn_mask")}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -329,3 +503,15 @@ def save_checkpoint(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_open_clip_folder(
+    model: torch.nn.Module, arch: ArchSpec, folder: Path, *, half: bool = False
+) -> None:
+    """Write an open_clip hub folder: open_clip_config.json + open_clip_model.safetensors (atomic)."""
+    from auditor.files import atomic_write
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, folder / "open_clip_model.safetensors", half=half)
+    config = {"model_cfg": arch.model_cfg, "preprocess_cfg": arch.preprocess_cfg}
+    atomic_write(folder / "open_clip_config.json", (json.dumps(config, indent=2) + "\n").encode())

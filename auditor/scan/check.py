@@ -1,4 +1,4 @@
-"""Algorithm 1: per-image trigger identification with a segmentation oracle.
+"""Stage 2, Algorithm 1: per-image trigger identification with a segmentation oracle.
 
 For an image x predicted y by the audited CLIP, the oracle's segments r_1..r_m give
 - crops  x[r_j]: the segment's bounding box, padded square (what CLIP says about that region);
@@ -7,16 +7,25 @@ For an image x predicted y by the audited CLIP, the oracle's segments r_1..r_m g
 All of them are scored in one batch. Object-sized segments' crop labels form S(x), the oracle's
 object list. A small segment whose ablation drops y's probability and flips the prediction is a
 trigger candidate; x *disagrees* when y is not among the objects that do not carry it.
+
+`run_checks` applies it to a list of images in chunks (each chunk cached as it finishes); an
+unexpected error on one image is recorded in the scan's failures and the others go on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from auditor.oracle import Oracle, Segment, pixel_box
+from auditor.report import FailureInfo
+from auditor.scan.context import FATAL, ScanContext, ScoreFn
+
+if TYPE_CHECKING:
+    from auditor.scan.cache import ScanCache
 
 # Segments up to this share of the image may be triggers ("a trigger is small": the zoo's are
 # 2-3.5 %, BadNets' 16 px on 224 px 0.5 %); from OBJECT_AREA up they are objects.
@@ -25,9 +34,7 @@ OBJECT_AREA = 0.06
 # An object crop names a label only when CLIP (or the reference) is this sure about it.
 OBJECT_CONFIDENCE = 0.5
 NEUTRAL = 127
-
-ScoreFn = Callable[[list[np.ndarray]], np.ndarray]
-"""uint8 RGB images (any size) -> float32 class probabilities of shape (n, C)."""
+CHUNK = 16  # images whose crops and ablations are scored together (and cached together)
 
 
 @dataclass(frozen=True)
@@ -177,9 +184,11 @@ def _conclude(
     pred = int(views.probs.argmax())
     candidate, flip, ablated_pred = tentative
     if candidate is not None:
-        without = object_probs.copy()
-        without[recropped_at] = recropped
-        labels = _object_labels(without)
+        # Objects whose crop shows the candidate vote with the crop that does not: a trigger
+        # inside an object's box would otherwise make that object vote for the trigger's target.
+        object_probs = object_probs.copy()
+        object_probs[recropped_at] = recropped
+        labels = _object_labels(object_probs)
         if ablated_pred in labels:
             oracle_label = ablated_pred
             return ImageCheck(
@@ -240,3 +249,61 @@ def _covers(segment: Segment, candidate: Segment) -> bool:
     height, width = segment.mask.shape
     x0, y0, x1, y1 = pixel_box(segment.box, height, width)
     return bool(candidate.mask[y0:y1, x0:x1].sum() >= 0.5 * total)
+
+
+def run_checks(
+    ctx: ScanContext,
+    indices: list[int],
+    probs: dict[int, np.ndarray],
+    checks: dict[int, ImageCheck],
+    advance: Callable[[int], None],
+    cache: ScanCache | None = None,
+    retry_failed: bool = False,
+) -> None:
+    """Algorithm 1 on `indices`, CHUNK images at a time, into `checks` (data index -> check).
+
+    A chunk found in `cache` is not recomputed, and neither are the images that failed in it,
+    unless `retry_failed`.
+    """
+    for start in range(0, len(indices), CHUNK):
+        part = indices[start : start + CHUNK]
+        cached = cache.load_checks(part) if cache else None
+        if cached is not None and cached[1] and retry_failed:
+            cached = None
+        if cached is None:
+            before = ctx.images_scored
+            found, failed = _check_chunk(ctx, part, probs)
+            if cache:
+                cache.save_checks(part, found, ctx.images_scored - before, failed)
+        else:
+            found, failed = cached
+            ctx.failures.extend(failed)
+        for check in found:
+            checks[check.index] = check
+        advance(len(part))
+
+
+def _check_chunk(
+    ctx: ScanContext, part: list[int], probs: dict[int, np.ndarray]
+) -> tuple[list[ImageCheck], list[FailureInfo]]:
+    """Algorithm 1 on a chunk; if it raises, image by image, recording the ones that fail."""
+
+    def check(indices: list[int]) -> list[ImageCheck]:
+        items = [(i, ctx.image(i), probs[i]) for i in indices]
+        return check_images(items, ctx.oracle, ctx.score, ctx.label_objects)
+
+    try:
+        return check(part), []
+    except FATAL:
+        raise
+    except Exception:  # noqa: BLE001 - find the image(s) at fault below, one at a time
+        pass
+    found, failed = [], []
+    for index in part:
+        try:
+            found += check([index])
+        except FATAL:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one image's failure must not end the scan
+            failed.append(ctx.fail("oracle", exc, index))
+    return found, failed

@@ -1,6 +1,7 @@
-"""Writing a scan's files into `--out DIR`, each atomically (temp file + rename).
+"""Beside the stages, the writers: a scan's files into `--out DIR`, each atomically (temp file + rename).
 
-DIR/report.json, DIR/trigger.png (the recovered trigger, enlarged), DIR/victims.csv,
+DIR/report.json, DIR/trigger.png (the recovered trigger, enlarged; trigger-N-LABEL.png for further
+targets), DIR/victims.csv,
 DIR/compact/ (images + pairs.csv with image,caption,source), and DIR/report.<ext> for the chosen format.
 """
 
@@ -9,31 +10,17 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 
+from auditor.files import atomic_write
 from auditor.report import Report, render_html, render_json
-from auditor.scan import COMPACT_DIR, TRIGGER_FILE, ScanResult
+from auditor.scan.pipeline import COMPACT_DIR, TRIGGER_FILE, ScanResult
 
 # DESIGN's image,caption plus the data file each pair came from (repair holds those out).
 COMPACT_COLUMNS = ("image", "caption", "source")
 EXTENSIONS = {"json": "json", "markdown": "md", "sarif": "sarif", "html": "html"}
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def png_bytes(pixels: np.ndarray, scale: int = 1) -> bytes:
@@ -52,10 +39,14 @@ def write_outputs(result: ScanResult, out: Path, fmt: str, data_root: Path) -> l
     report = result.report
     written = [out / "report.json"]
     atomic_write(written[0], render_json(report).encode())
-    if result.trigger_pixels is not None and report.trigger.image:
-        scale = max(1, 128 // max(1, result.trigger_pixels.shape[0]))
-        atomic_write(out / TRIGGER_FILE, png_bytes(result.trigger_pixels, scale))
-        written.append(out / TRIGGER_FILE)
+    for name, pixels in result.triggers.items():  # trigger.png for the strongest finding
+        atomic_write(out / name, png_bytes(pixels, max(1, 128 // max(1, pixels.shape[0]))))
+        written.append(out / name)
+    for name, overlay in result.overlays.items():  # read back with allow_pickle=False
+        buffer = io.BytesIO()
+        np.save(buffer, overlay.astype(np.float32), allow_pickle=False)
+        atomic_write(out / name, buffer.getvalue())
+        written.append(out / name)
     atomic_write(out / "victims.csv", _victims_csv(report).encode())
     written.append(out / "victims.csv")
     if result.compact:
@@ -91,8 +82,10 @@ def html_images(result: ScanResult, data_root: Path, limit: int = 60) -> dict[st
     from auditor.data import ImageDecodeError, load_image
 
     uris = {}
-    if result.trigger_pixels is not None:
-        uris["trigger"] = _data_uri(png_bytes(result.trigger_pixels, 8))
+    for name, pixels in result.triggers.items():
+        uris[name] = _data_uri(png_bytes(pixels, 8))
+    if TRIGGER_FILE in uris:
+        uris["trigger"] = uris[TRIGGER_FILE]
     base = data_root.parent if data_root.suffix.lower() == ".csv" else data_root
     for victim in result.report.victims[:limit]:
         try:

@@ -1,4 +1,4 @@
-"""Resumable scans: stage 0's scores and Algorithm 1's checks, persisted in `--out` as computed.
+"""Beside the stages, resumable scans: stage 0's scores and Algorithm 1's checks, kept as computed.
 
 Layout: `OUT/.scan-cache/key.json` (what the cache belongs to) and one file per finished unit of
 work: `scores-<first index>.npz` (one batch of stage 0) and `checks-<digest>.npz` (one chunk of
@@ -26,10 +26,11 @@ import numpy as np
 
 from auditor import __version__
 from auditor.data import Dataset, Skipped
+from auditor.files import atomic_write
 from auditor.oracle import Segment
 from auditor.report import FailureInfo
+from auditor.scan.check import ImageCheck
 from auditor.scoring import Scores
-from auditor.trigger import ImageCheck
 from engines.cache import file_sha256
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ class ScanCache:
         if found != self.key:  # another scan's results (or a damaged cache): start afresh
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder.mkdir(parents=True)
-            _write_atomic(key_path, json.dumps(self.key, indent=1, sort_keys=True).encode())
+            atomic_write(key_path, json.dumps(self.key, indent=1, sort_keys=True).encode())
 
     # --- stage 0 ------------------------------------------------------------------------
     def load_scores(self, start: int) -> tuple[Scores, list[Skipped]] | None:
@@ -183,7 +184,7 @@ class ScanCache:
     def _save(self, name: str, **arrays: np.ndarray) -> None:
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
-        _write_atomic(self.folder / name, buffer.getvalue())
+        atomic_write(self.folder / name, buffer.getvalue())
 
 
 def _checks_name(indices: Sequence[int]) -> str:
@@ -196,9 +197,3 @@ def _plain(value: object) -> object:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"cannot store {type(value).__name__} in the scan cache")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    from auditor.outputs import atomic_write  # outputs imports scan, which imports this module
-
-    atomic_write(path, data)

@@ -1,0 +1,91 @@
+"""What the scan's stages share: settings, data, the scorer, decoded images, costs and failures.
+
+Every stage takes a `ScanContext`. Scoring goes through `ScanContext.score`, which counts the
+images it scores (`cost.images_scored`); `ScanContext.fail` records work that could not be
+finished, so that one bad image or one failed target never ends the scan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from auditor.data import Dataset, load_image, pil_to_array
+from auditor.errors import EnvironmentProblem
+from auditor.models import LoadedModel
+from auditor.oracle import Oracle
+from auditor.report import FailureInfo
+from auditor.scoring import ZeroShotScorer
+from engines.errors import EngineError
+
+ScoreFn = Callable[[list[np.ndarray]], np.ndarray]
+"""uint8 RGB images (any size) -> float32 class probabilities of shape (n, C)."""
+
+Progress = Callable[[str, int, int | None], None]
+"""progress(stage description, images done in this call, stage total or None)."""
+
+FATAL = (EnvironmentProblem, EngineError, MemoryError)
+"""Errors that would fail every image alike: they stop the scan instead of being recorded."""
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    per_class: int = 32
+    transplant_threshold: float = 0.5
+    min_candidates: int = 3
+    seed: int = 0
+    batch_size: int = 64
+    compact_fraction: float = 0.08  # the compact set's cap, as a share of the data
+
+
+def top1(probs: np.ndarray) -> np.ndarray:
+    """int64 (n,) argmax of each row of float (n, C); -1 for a row with a non-finite value."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] == 0:
+        return np.full(len(probs), -1, np.int64)
+    finite = np.isfinite(probs).all(axis=1)
+    return np.where(finite, np.nan_to_num(probs).argmax(axis=1), -1).astype(np.int64)
+
+
+class ScanContext:
+    """The data, the audited model's scorer, the oracle, decoded-image access, costs and failures."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        dataset: Dataset,
+        scorer: ZeroShotScorer,
+        oracle: Oracle,
+        config: ScanConfig,
+    ) -> None:
+        self.loaded, self.dataset, self.scorer, self.oracle, self.config = (
+            loaded,
+            dataset,
+            scorer,
+            oracle,
+            config,
+        )
+        self.images_scored = 0
+        self.label_objects: ScoreFn | None = None  # a trusted reference model's scorer, if given
+        self.failures: list[FailureInfo] = []
+
+    def image(self, index: int) -> np.ndarray:
+        """Data image `index` as uint8 RGB (H, W, 3)."""
+        return pil_to_array(load_image(self.dataset.absolute(self.dataset.samples[index])))
+
+    def path(self, index: int) -> str:
+        return self.dataset.samples[index].path
+
+    def score(self, images: list[np.ndarray]) -> np.ndarray:
+        """float32 (n, C) zero-shot probabilities of the audited model."""
+        self.images_scored += len(images)
+        return self.scorer.probabilities(images, self.loaded.preprocess, self.config.batch_size * 2)
+
+    def fail(self, stage: str, exc: Exception, index: int | None = None) -> FailureInfo:
+        """Record that `stage` could not finish (for image `index`, or for a step over many)."""
+        message = (str(exc).splitlines() or [""])[0][:300]
+        failure = FailureInfo(None if index is None else self.path(index), stage, type(exc).__name__, message)
+        self.failures.append(failure)
+        return failure

@@ -1,0 +1,255 @@
+"""Stage 3, the decision: which targets are confirmed, and the report that says so.
+
+Every class with a cluster of look-alike trigger candidates goes to the patch transplant test
+(strongest clusters first, at most `MAX_PATCH_TESTS`, one confirmation per target); every class
+whose disagreement stands out and that no patch confirmed goes to the overlay test. A target is
+confirmed when its transplant success reaches `ScanConfig.transplant_threshold`. A model may
+have several targets: each confirmed one is a `Finding`, and the report lists them all
+(`findings`, additive in schema v1); the strongest fills the schema's single-trigger fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from auditor import __version__
+from auditor.data import Sample
+from auditor.report import (
+    CompactSetInfo,
+    CostInfo,
+    DataInfo,
+    FindingInfo,
+    ModelInfo,
+    Report,
+    SkippedFile,
+    TriggerInfo,
+    VictimInfo,
+)
+from auditor.scan.check import ImageCheck
+from auditor.scan.confirm import CleanSet, Finding, confirm_overlay, confirm_patch
+from auditor.scan.context import FATAL, Progress, ScanContext
+from auditor.scan.suspects import candidate_clusters, suspect_classes
+from auditor.scan.victims import Victim
+
+# Each patch test scores the target's images twice and up to CLEAN_IMAGES pasted ones: this
+# bounds the confirmation's cost on a model whose oracle finds many look-alike candidates.
+MAX_PATCH_TESTS = 8
+CLEAN_IMAGES = 256
+TRIGGER_FILE = "trigger.png"
+COMPACT_DIR = "compact"
+
+
+@dataclass(frozen=True)
+class Findings:
+    """Stage 3's outcome: what was suspected, what was tested and what was confirmed."""
+
+    suspects: dict[int, float]  # by disagreement: class -> p-value
+    clustered: tuple[int, ...]  # classes with a cluster of look-alike candidates
+    confirmed: tuple[Finding, ...]  # strongest first
+    best_rejected_rate: float | None = None
+
+    @property
+    def strongest(self) -> Finding | None:
+        return self.confirmed[0] if self.confirmed else None
+
+
+def find_backdoors(ctx: ScanContext, checks: dict[int, ImageCheck], tick: Progress) -> Findings:
+    """Run the confirmations stage 1's evidence calls for; see the module docstring."""
+    threshold = ctx.config.transplant_threshold
+    suspects = suspect_classes(list(checks.values()), len(ctx.dataset.classes))
+    clusters = candidate_clusters(list(checks.values()), ctx.image, ctx.config.min_candidates)
+    clustered = tuple(sorted({c.target for c in clusters}))
+    clean = _clean_set(ctx, checks, set(suspects) | set(clustered))
+    confirmed: dict[int, Finding] = {}
+    tested: list[Finding] = []
+    patch_tests = clusters[:MAX_PATCH_TESTS]
+    overlay_tests = sorted(suspects, key=lambda c: suspects[c])
+    total = len(patch_tests) + len(overlay_tests)
+    for cluster in patch_tests:
+        if cluster.target not in confirmed:
+            finding = _guarded(ctx, partial(confirm_patch, ctx, checks, cluster, clean))
+            _keep(finding, threshold, confirmed, tested)
+        tick("confirming", 1, total)
+    for target in overlay_tests:
+        if target not in confirmed:
+            finding = _guarded(ctx, partial(confirm_overlay, ctx, checks, target, clean))
+            _keep(finding, threshold, confirmed, tested)
+        tick("confirming", 1, total)
+    rejected = [f.transplant_rate for f in tested if f.target not in confirmed]
+    return Findings(
+        suspects,
+        clustered,
+        tuple(sorted(confirmed.values(), key=lambda f: (-f.transplant_rate, f.target))),
+        max(rejected) if rejected else None,
+    )
+
+
+def _clean_set(ctx: ScanContext, checks: dict[int, ImageCheck], suspected: set[int]) -> CleanSet:
+    """Up to CLEAN_IMAGES checked images the oracle agrees with, of classes nobody suspects."""
+    clean = [
+        c
+        for c in checks.values()
+        if not c.disagrees and c.pred not in suspected and c.pred in c.object_labels
+    ][:CLEAN_IMAGES]
+    return CleanSet(tuple(clean), tuple(ctx.image(c.index) for c in clean))
+
+
+def _guarded(ctx: ScanContext, confirm: Callable[[], Finding | None]) -> Finding | None:
+    """Run one confirmation; an unexpected error is recorded and must not hide the others."""
+    try:
+        return confirm()
+    except FATAL:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        ctx.fail("confirm", exc)
+        return None
+
+
+def _keep(
+    finding: Finding | None, threshold: float, confirmed: dict[int, Finding], tested: list[Finding]
+) -> None:
+    if finding is None:
+        return
+    tested.append(finding)
+    if finding.transplant_rate >= threshold:
+        confirmed[finding.target] = finding
+
+
+def severity(finding: Finding | None) -> str:
+    if finding is None:
+        return "none"
+    rate = finding.transplant_rate
+    return "high" if rate >= 0.9 else "medium" if rate >= 0.7 else "low"
+
+
+def trigger_file(rank: int, finding: Finding, classes: list[str]) -> str | None:
+    """The PNG the writers save a finding's trigger to: trigger.png for the strongest."""
+    if finding.prototype is None:
+        return None
+    if rank == 0:
+        return TRIGGER_FILE
+    safe = "".join(ch if ch.isalnum() else "-" for ch in classes[finding.target])
+    return f"trigger-{rank + 1}-{safe}.png"
+
+
+def overlay_file(rank: int, finding: Finding, classes: list[str]) -> str | None:
+    """The .npy the writers save a non-localized finding's overlay to (repair stops on it)."""
+    if finding.overlay is None:
+        return None
+    if rank == 0:
+        return "overlay.npy"
+    safe = "".join(ch if ch.isalnum() else "-" for ch in classes[finding.target])
+    return f"overlay-{rank + 1}-{safe}.npy"
+
+
+def victim_labels(finding: Finding, classes: list[str]) -> tuple[str, ...]:
+    if finding.kind == "non-localized":
+        return tuple(
+            dict.fromkeys(classes[v.oracle_label] for v in finding.victims if v.oracle_label is not None)
+        )
+    return tuple(classes[c] for c, rate in finding.per_class_rates.items() if rate >= 0.5)
+
+
+def all_victims(findings: Findings) -> list[Victim]:
+    """Every confirmed finding's victims, each image once (its strongest finding first)."""
+    seen: dict[int, Victim] = {}
+    for finding in findings.confirmed:
+        for victim in finding.victims:
+            seen.setdefault(victim.index, victim)
+    return list(seen.values())
+
+
+def build_report(
+    ctx: ScanContext,
+    checks: dict[int, ImageCheck],
+    findings: Findings,
+    compact_size: int,
+    seconds: dict[str, float],
+    scored: int,
+) -> Report:
+    """The schema-v1 report: the strongest finding in the single-trigger fields, all in `findings`."""
+    classes, samples = ctx.dataset.classes, ctx.dataset.samples
+    strongest = findings.strongest
+    per_label: dict[str, list[bool]] = {}
+    for check in checks.values():
+        per_label.setdefault(classes[check.pred], []).append(check.disagrees)
+    infos = tuple(_finding_info(rank, f, classes, samples) for rank, f in enumerate(findings.confirmed))
+    return Report(
+        tool={"name": "clip-audit", "version": __version__},
+        model=ModelInfo(
+            str(ctx.loaded.path),
+            ctx.loaded.sha256 or "",
+            ctx.loaded.arch.name,
+            ctx.loaded.source_format,
+            ctx.loaded.arch_source,
+        ),
+        data=DataInfo(
+            str(ctx.dataset.root), scored, tuple(SkippedFile(s.path, s.reason) for s in ctx.dataset.skipped)
+        ),
+        verdict="backdoor" if strongest else "clean",
+        severity=severity(strongest),
+        target_labels=tuple(info.target for info in infos),
+        victim_labels=tuple(dict.fromkeys(label for info in infos for label in info.victim_labels)),
+        trigger=_trigger_info(findings, infos, classes),
+        victims=tuple(
+            VictimInfo(
+                samples[v.index].path,
+                classes[checks[v.index].pred],
+                None if v.oracle_label is None else classes[v.oracle_label],
+                None if v.box is None else tuple(round(c, 4) for c in v.box),  # type: ignore[arg-type]
+                v.score,
+            )
+            for v in all_victims(findings)
+        ),
+        compact_set=CompactSetInfo(COMPACT_DIR + "/", compact_size, round(compact_size / max(1, scored), 4))
+        if compact_size
+        else None,
+        cost=CostInfo(ctx.images_scored, len(checks), {k: round(v, 2) for k, v in seconds.items()}),
+        disagreement={label: round(float(np.mean(v)), 4) for label, v in sorted(per_label.items())},
+        failures=tuple(ctx.failures),
+        findings=infos,
+    )
+
+
+def _finding_info(rank: int, finding: Finding, classes: list[str], samples: Sequence[Sample]) -> FindingInfo:
+    prototype = finding.prototype
+    return FindingInfo(
+        target=classes[finding.target],
+        kind=finding.kind,
+        trigger_image=trigger_file(rank, finding, classes),
+        relative_size=prototype.relative_size if prototype is not None else None,
+        transplant_success_rate=round(finding.transplant_rate, 4),
+        victim_labels=victim_labels(finding, classes),
+        victims=tuple(samples[v.index].path for v in finding.victims),
+        evidence=finding.evidence,
+        overlay=overlay_file(rank, finding, classes),
+    )
+
+
+def _trigger_info(findings: Findings, infos: tuple[FindingInfo, ...], classes: list[str]) -> TriggerInfo:
+    if infos:
+        first = infos[0]
+        evidence = first.evidence
+        if len(infos) > 1:
+            evidence += f" {len(infos) - 1} more target(s): " + ", ".join(i.target for i in infos[1:]) + "."
+        return TriggerInfo(
+            first.kind, first.trigger_image, first.relative_size, first.transplant_success_rate, evidence
+        )
+    suspected = sorted(set(findings.suspects) | set(findings.clustered))
+    if not suspected:
+        return TriggerInfo(
+            None,
+            evidence="No label's disagreement with the oracle stood out, and no label's "
+            "images carried look-alike trigger candidates.",
+        )
+    rate = findings.best_rejected_rate
+    return TriggerInfo(
+        None,
+        transplant_success_rate=None if rate is None else round(rate, 4),
+        evidence=f"Suspect labels {', '.join(classes[c] for c in suspected)} were not confirmed "
+        f"(best transplant success {rate or 0:.2f}, below the threshold).",
+    )

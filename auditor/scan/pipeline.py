@@ -1,0 +1,160 @@
+"""`auditor.scan.scan`: the stages of DESIGN §4, in the order the data flows.
+
+screen (stage 0: every image scored once; stage 1: the sample the oracle checks first) ->
+check (Algorithm 1 on the sample) -> suspects (which classes go on) -> check again (every image
+predicted as a suspect) -> findings (confirmation by transplant, victims: Algorithm 2) ->
+compact (stage 4). The result is returned, not written: `auditor.scan.writers` writes the files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from auditor.data import Dataset
+from auditor.models import LoadedModel
+from auditor.oracle import Oracle
+from auditor.report import Report
+from auditor.scan.cache import ScanCache
+from auditor.scan.check import ImageCheck, run_checks
+from auditor.scan.compact import CompactPair, compact_set
+from auditor.scan.context import FATAL, Progress, ScanConfig, ScanContext, ScoreFn
+from auditor.scan.findings import (
+    COMPACT_DIR,
+    TRIGGER_FILE,
+    Findings,
+    build_report,
+    find_backdoors,
+    overlay_file,
+    trigger_file,
+)
+from auditor.scan.screen import choose_sample, full_probs, predictions, score_all
+from auditor.scan.suspects import candidate_clusters, suspect_classes
+from auditor.scoring import make_scorer, torch_runners
+from engines.runners import Runner
+
+__all__ = ["COMPACT_DIR", "TRIGGER_FILE", "ScanResult", "scan"]
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """The report, the recovered triggers' pixels (file name -> uint8 (s, s, 3)) and the compact set."""
+
+    report: Report
+    triggers: dict[str, np.ndarray]
+    compact: tuple[CompactPair, ...] = ()
+    overlays: dict[str, np.ndarray] = field(default_factory=dict)  # file name -> float32 (H, W, 3)
+
+    @property
+    def trigger_pixels(self) -> np.ndarray | None:
+        """The strongest finding's trigger (`trigger.png`), if it is a patch."""
+        return self.triggers.get(TRIGGER_FILE)
+
+
+def scan(
+    loaded: LoadedModel,
+    dataset: Dataset,
+    oracle: Oracle,
+    config: ScanConfig | None = None,
+    progress: Progress | None = None,
+    reference: LoadedModel | None = None,
+    runners: tuple[Runner, Runner] | None = None,
+    cache: ScanCache | None = None,
+    retry_failed: bool = False,
+) -> ScanResult:
+    """Audit `loaded` on `dataset`; see the module docstring for the stages.
+
+    `reference`, a clean model the user trusts, labels the oracle's objects instead of `loaded`.
+    `runners`: (image, text) runners for bulk scoring (`auditor.runtime`); default PyTorch.
+    `cache`: where stage 0's scores and the oracle checks are kept as they are computed, and
+    found again by a rerun (`auditor.scan.cache`); `cost.images_scored` counts only new work.
+    An unexpected error on one image (or in one target's confirmation) is recorded in
+    `report.failures` and the scan goes on; a rerun keeps cached failures unless `retry_failed`.
+    Environment errors (a missing extra, a broken engine) still stop the scan: they would fail
+    every image alike.
+    """
+    config = config or ScanConfig()
+    tick = progress or (lambda stage, n, total: None)
+    seconds: dict[str, float] = {}
+    image_runner, text_runner = runners or torch_runners(loaded)
+    with image_runner, text_runner:
+        started = time.perf_counter()
+        ctx = ScanContext(
+            loaded, dataset, make_scorer(loaded, dataset.classes, image_runner, text_runner), oracle, config
+        )
+        if reference is not None:
+            ctx.label_objects = _reference_scorer(reference, dataset.classes, config)
+        scores = score_all(ctx, cache, tick)
+        seconds["scoring"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        probs = full_probs(scores, len(dataset.classes))
+        checks = _oracle_checks(ctx, probs, cache, retry_failed, tick)
+        seconds["oracle"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        findings = find_backdoors(ctx, checks, tick)
+        compact = _compact(ctx, checks, findings)
+        seconds["confirmation"] = time.perf_counter() - started
+    report = build_report(ctx, checks, findings, len(compact), seconds, len(scores.indices))
+    overlays = {
+        name: f.overlay
+        for rank, f in enumerate(findings.confirmed)
+        if f.overlay is not None and (name := overlay_file(rank, f, dataset.classes))
+    }
+    return ScanResult(report, _trigger_pixels(findings, dataset.classes), compact, overlays)
+
+
+def _reference_scorer(reference: LoadedModel, classes: list[str], config: ScanConfig) -> ScoreFn:
+    """Score function of the trusted reference model (PyTorch runners, kept active)."""
+    image_runner, text_runner = torch_runners(reference)
+    image_runner.activate()
+    with text_runner:
+        scorer = make_scorer(reference, classes, image_runner, text_runner)
+    return lambda images: scorer.probabilities(images, reference.preprocess, config.batch_size * 2)
+
+
+def _oracle_checks(
+    ctx: ScanContext,
+    probs: dict[int, np.ndarray],
+    cache: ScanCache | None,
+    retry_failed: bool,
+    tick: Progress,
+) -> dict[int, ImageCheck]:
+    """Algorithm 1 on the stratified sample, then on every image predicted as a suspect class."""
+    preds = predictions(probs)
+    sample = choose_sample(ctx, preds)
+    checks: dict[int, ImageCheck] = {}
+    run_checks(
+        ctx, sample, probs, checks, lambda n: tick("oracle: sample", n, len(sample)), cache, retry_failed
+    )
+    suspects = set(suspect_classes(list(checks.values()), len(ctx.dataset.classes)))
+    suspects |= {
+        c.target for c in candidate_clusters(list(checks.values()), ctx.image, ctx.config.min_candidates)
+    }
+    rest = sorted(i for i, p in preds.items() if p in suspects and i not in checks)
+    run_checks(
+        ctx, rest, probs, checks, lambda n: tick("oracle: suspects", n, len(rest)), cache, retry_failed
+    )
+    return checks
+
+
+def _compact(ctx: ScanContext, checks: dict[int, ImageCheck], findings: Findings) -> tuple[CompactPair, ...]:
+    try:
+        return compact_set(ctx, checks, findings)
+    except FATAL:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the findings stand without their compact set
+        ctx.fail("compact", exc)
+        return ()
+
+
+def _trigger_pixels(findings: Findings, classes: list[str]) -> dict[str, np.ndarray]:
+    files = {}
+    for rank, finding in enumerate(findings.confirmed):
+        name = trigger_file(rank, finding, classes)
+        if name is not None and finding.prototype is not None:
+            files[name] = finding.prototype.pixels
+    return files

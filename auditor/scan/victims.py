@@ -1,0 +1,76 @@
+"""Stage 3, victim samples: images predicted as a target that carry its trigger.
+
+A victim matches the prototype by appearance (template matching, normalized cross-correlation)
+and stops being predicted as the target once the matched region is removed; the label it then
+gets is its oracle label (what the image really shows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from auditor.scan.check import ImageCheck, ablate_segment
+from auditor.scan.context import ScoreFn, top1
+from auditor.scan.trigger import Box, Prototype, box_mask, resize
+
+MATCH_THRESHOLD = 0.6  # normalized cross-correlation with the prototype
+FLIP_THRESHOLD = 0.3  # drop of the target's probability once the matched region is removed
+
+
+@dataclass(frozen=True)
+class Victim:
+    """An image judged poisoned: index into the data, trigger box (normalized) and score."""
+
+    index: int
+    box: Box | None
+    oracle_label: int | None
+    score: float
+
+
+def find_victims(
+    images: Sequence[np.ndarray],
+    checks: Sequence[ImageCheck],
+    prototype: Prototype,
+    target: int,
+    score: ScoreFn,
+    target_probs: np.ndarray,
+) -> list[Victim]:
+    """Images predicted `target` that carry the prototype (by appearance) and flip without it.
+
+    `target_probs`: float32 (n,) the target's probability on each whole image, already scored.
+    """
+    located = [_locate(image, prototype) for image in images]
+    ablated = score(
+        [ablate_segment(image, box_mask(image, box)) for image, (box, _) in zip(images, located, strict=True)]
+    )
+    ablated_top1 = top1(ablated)
+    victims = []
+    for i, check in enumerate(checks):
+        box, similarity = located[i]
+        drop = float(target_probs[i] - ablated[i, target])
+        drop = drop if np.isfinite(drop) else 0.0  # a broken engine's NaN / inf decides nothing
+        flipped = ablated_top1[i] not in (target, -1)
+        if check.pred == target and similarity >= MATCH_THRESHOLD and drop >= FLIP_THRESHOLD and flipped:
+            label = int(ablated_top1[i])
+            victims.append(Victim(check.index, box, label, round(float(similarity * drop), 4)))
+    return victims
+
+
+def _locate(image: np.ndarray, prototype: Prototype) -> tuple[Box, float]:
+    """Best match of the prototype (at its median observed size) in `image`: (box, NCC score)."""
+    from skimage.feature import match_template
+
+    height, width = image.shape[:2]
+    rel_w, rel_h = (float(np.nan_to_num(v)) for v in prototype.relative_size)
+    w = min(width, max(2, int(round(rel_w * width))))
+    h = min(height, max(2, int(round(rel_h * height))))
+    template = resize(prototype.pixels, h, w).astype(np.float32)
+    # A flat template or image has no defined correlation (NaN): it matches nothing.
+    response = np.nan_to_num(
+        match_template(image.astype(np.float32), template, pad_input=False)[..., 0], nan=-1.0, posinf=-1.0
+    )
+    y, x = np.unravel_index(int(response.argmax()), response.shape)
+    return (x / width, y / height, (x + w) / width, (y + h) / height), float(response[y, x])
