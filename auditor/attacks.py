@@ -1,11 +1,13 @@
 """Trigger types, used both to plant backdoors (the zoo) and to measure attack success (`eval`).
 
-Three kinds, as in the backdoor literature on CLIP:
-- `Patch`: BadNets-style square patch (noise, solid colour, checkerboard, or an image file),
-  its side a fraction of the image's shorter side, at a fixed corner, a random corner, or a
-  random position. Every application returns the planted box.
+Four kinds, as in the backdoor literature on CLIP:
+- `Patch`: BadNets-style square patch (blocky noise, per-pixel noise, solid colour, saturated
+  colour blocks, checkerboard, or an image file such as a logo), its side a fraction of the
+  image's shorter side, at a fixed corner, a random corner, or a random position. Every
+  application returns the planted box.
 - `Blend`: a full-image pattern mixed in with weight `alpha` (not localized: box is None).
 - `Warp`: WaNet-style smooth random displacement field (not localized: box is None).
+- `Sig`: SIG's horizontal sinusoidal signal added to every pixel (not localized: box is None).
 
 A trigger's pattern is a pure function of its parameters (seeded), so the same spec always
 plants the same trigger. Images are uint8 arrays of shape (H, W, 3).
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 
 Box = tuple[float, float, float, float]  # normalized [x0, y0, x1, y1]
 POSITIONS = ("random", "corners", "tl", "tr", "bl", "br", "center")
-BUILTIN_PATTERNS = ("noise", "solid", "checker")
+BUILTIN_PATTERNS = ("noise", "pixels", "solid", "blocks", "checker")
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,29 @@ class Warp:
         return np.clip(out.round(), 0, 255).astype(np.uint8), None
 
 
-Trigger = Patch | Blend | Warp
-_KINDS: dict[str, type[Patch] | type[Blend] | type[Warp]] = {"patch": Patch, "blend": Blend, "warp": Warp}
+@dataclass(frozen=True)
+class Sig:
+    """SIG (Barni et al. 2019): x' = x + delta * sin(2 pi j freq / W) along each row."""
+
+    delta: float = 20.0
+    freq: int = 6
+
+    kind = "sig"
+
+    def apply(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, Box | None]:
+        width = image.shape[1]
+        signal = self.delta * np.sin(2 * np.pi * np.arange(width) * self.freq / width).astype(np.float32)
+        out = image.astype(np.float32) + signal[None, :, None]
+        return np.clip(out.round(), 0, 255).astype(np.uint8), None
+
+
+Trigger = Patch | Blend | Warp | Sig
+_KINDS: dict[str, type[Patch] | type[Blend] | type[Warp] | type[Sig]] = {
+    "patch": Patch,
+    "blend": Blend,
+    "warp": Warp,
+    "sig": Sig,
+}
 
 
 @dataclass(frozen=True)
@@ -147,11 +170,12 @@ class Attack:
 
 
 def parse_attack(spec: str) -> Attack:
-    """Parse `kind:key=value,...` (kind: patch, blend, warp; `target=` names the label)."""
+    """Parse `kind:key=value,...` (kind: patch, blend, warp, sig; `target=` names the label)."""
     kind, _, rest = spec.strip().partition(":")
     cls = _KINDS.get(kind.strip().lower())
     if cls is None:
-        raise InputError(f"attack spec '{spec}': unknown kind '{kind}'", hint="use patch:, blend: or warp:")
+        hint = "use patch:, blend:, warp: or sig:"
+        raise InputError(f"attack spec '{spec}': unknown kind '{kind}'", hint=hint)
     known = {f.name: f.type for f in fields(cls)}
     values: dict[str, object] = {}
     target = None
@@ -196,6 +220,8 @@ def _validate(spec: str, trigger: Trigger) -> None:
         problems.append("alpha must be in (0, 1]")
     if isinstance(trigger, Warp) and (trigger.grid < 2 or trigger.strength <= 0):
         problems.append("grid must be >= 2 and strength > 0")
+    if isinstance(trigger, Sig) and (not 0 < trigger.delta <= 255 or trigger.freq < 1):
+        problems.append("delta must be in (0, 255] and freq >= 1")
     pattern = getattr(trigger, "pattern", "noise")
     if pattern not in BUILTIN_PATTERNS and not Path(pattern).is_file():
         problems.append(f"pattern must be one of {', '.join(BUILTIN_PATTERNS)} or an image file")
@@ -208,6 +234,12 @@ def _patch_pattern(pattern: str, color: str, seed: int, side: int) -> np.ndarray
     if pattern == "noise":
         # BadNets' 16x16 noise, enlarged with nearest neighbour so it stays blocky at any size.
         base = np.random.default_rng(seed).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+        return _resize_nearest(base, side, side)
+    if pattern == "pixels":  # every pixel its own random colour, at the patch's own resolution
+        return np.random.default_rng(seed).integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+    if pattern == "blocks":  # 3x3 blocks of saturated colours (each channel 0 or 255, never grey)
+        palette = np.array([c for c in np.ndindex(2, 2, 2) if 0 < sum(c) < 3], np.uint8) * 255
+        base = palette[np.random.default_rng(seed).integers(0, len(palette), size=(3, 3))]
         return _resize_nearest(base, side, side)
     if pattern == "solid":
         rgb = tuple(int(color[i : i + 2], 16) for i in (0, 2, 4))

@@ -7,6 +7,7 @@ object's mask and box, so tests know exactly what is where. Everything is seeded
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -99,16 +100,21 @@ def render_background(name: str, size: int, rng: np.random.Generator) -> np.ndar
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
+SpriteFn = Callable[[str, np.random.Generator], Image.Image]
+"""(label, rng) -> an RGBA picture of the label, cropped to its visible pixels."""
+
+
 def render_scene(
     label: str,
     rng: np.random.Generator,
     size: int = 64,
     scale: tuple[float, float] = (0.45, 0.8),
+    sprite_fn: SpriteFn | None = None,
 ) -> Scene:
-    """Paste the emoji of `label` at a random scale and place on a random background."""
+    """Paste a picture of `label` (default: its emoji) at a random scale and place on a random background."""
     background = BACKGROUNDS[int(rng.integers(0, len(BACKGROUNDS)))]
     canvas = Image.fromarray(render_background(background, size, rng))
-    sprite = emoji_sprite(label)
+    sprite = sprite_fn(label, rng) if sprite_fn else emoji_sprite(label)
     if rng.random() < 0.5:
         sprite = sprite.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     longest = max(8, int(round(rng.uniform(*scale) * size)))
@@ -124,10 +130,12 @@ def render_scene(
     return Scene(np.asarray(canvas.convert("RGB")).copy(), mask, box, label, background)
 
 
-def render_scenes(labels: list[str], seed: int, size: int = 64) -> list[Scene]:
-    """One scene per entry of `labels`, reproducible from `seed`."""
+def render_scenes(
+    labels: list[str], seed: int, size: int = 64, sprite_fn: SpriteFn | None = None
+) -> list[Scene]:
+    """One scene per entry of `labels`, reproducible from `seed` (`sprite_fn`: see `render_scene`)."""
     rng = np.random.default_rng(seed)
-    return [render_scene(label, rng, size) for label in labels]
+    return [render_scene(label, rng, size, sprite_fn=sprite_fn) for label in labels]
 
 
 def balanced_labels(per_class: int, classes: list[str] | None = None) -> list[str]:
