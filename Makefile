@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
 EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 
-.PHONY: setup fonts demo test lint
+.PHONY: setup fonts demo test lint matrix-data matrix
 setup: $(BIN)/.installed fonts
 
 $(BIN)/.installed: pyproject.toml Makefile
@@ -21,6 +21,16 @@ fonts:
 	@test -f $(EMOJI_FONT) || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fonts-noto-color-emoji; }
+
+# The detection matrix's photo scenes use Debian's photo cut-outs (benchmark only, ~160 MB).
+STAMPS := /usr/share/tuxpaint/stamps
+matrix-data:
+	@test -d $(STAMPS) || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq tuxpaint-stamps-default; }
+
+matrix: setup matrix-data
+	$(BIN)/python -m benchmarks.matrix --split $(or $(SPLIT),tuning)
 
 demo: setup
 	$(BIN)/clip-audit demo
