@@ -129,12 +129,9 @@ def resolve_arch(arch: str | os.PathLike[str]) -> ArchSpec:
 def _arch_from_json(path: Path) -> ArchSpec:
     if not path.is_file():
         raise InputError(f"--arch config file not found: {path}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"--arch {path} is not a readable JSON file: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise InputError(f"--arch {path}: expected a JSON object")
+    from auditor.files import read_json_object
+
+    raw = read_json_object(path, "--arch")
     from auditor.models.hf_clip import hf_config_to_open_clip, is_hf_clip_config
 
     if is_hf_clip_config(raw):

@@ -12,7 +12,6 @@ ResNet CLIP) is refused with what was found.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,13 +97,9 @@ def hf_config_to_open_clip(raw: dict[str, Any], source: Path) -> dict[str, Any]:
 
 
 def read_hf_config(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable JSON config ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return raw
+    from auditor.files import read_json_object
+
+    return read_json_object(path, "the checkpoint's config")
 
 
 def is_hf_state_dict(state: dict[str, Any]) -> bool:
