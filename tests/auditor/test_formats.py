@@ -81,6 +81,18 @@ def test_openai_archive_is_read_as_tensors_with_its_architecture(tmp_path, cfg):
     assert loaded.source_format == "openai-archive" and loaded.arch_source == "checkpoint"
     assert loaded.arch.model_cfg["vision_cfg"]["image_size"] == size
     _same(_embeddings(loaded.model, size, 16), expected)
+    # and the command line scans it without --arch
+    from PIL import Image
+
+    for i, label in enumerate(["cat", "dog", "cat", "dog"]):
+        (tmp_path / "data" / label).mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.png")
+    out = tmp_path / "out"
+    code = run(["scan", str(archive), str(tmp_path / "data"), "--engine", "torch", "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert code in (0, 1)
+    assert (report["model"]["format"], report["model"]["arch_source"]) == ("openai-archive", "checkpoint")
 
 
 def test_archive_of_a_zoo_model_with_arch(tmp_path):
