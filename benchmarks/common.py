@@ -17,10 +17,32 @@ def machine() -> dict[str, object]:
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpuinfo("model name"),
+        "cpu_flags": cpu_flags(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+
+
+# The flags that change what a CPU engine can do (int8 gains depend on VNNI / AMX).
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """Which of SPEED_FLAGS this CPU has (empty where /proc/cpuinfo is not there)."""
+    flags = set((_cpuinfo("flags") or "").split())
+    return [f for f in SPEED_FLAGS if f in flags]
+
+
+def _cpuinfo(field: str) -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def write_result(out: Path, name: str, body: dict[str, object]) -> None:
