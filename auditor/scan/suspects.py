@@ -3,8 +3,9 @@
 Two kinds of evidence make a class suspect (DESIGN §4, stage 1):
 1. *Consistent trigger candidates*: at least `min_candidates` of its checked images disagree
    with the oracle and carry a candidate (a small segment whose removal flips the prediction to
-   an object the oracle saw, the objects labelled without it), and those candidates look alike. They are clustered by appearance (`cluster_candidates`); a
-   cluster of `min_candidates` or more sends the class to confirmation whatever its
+   an object the oracle saw, the objects labelled without it), and those candidates look
+   alike. They are clustered by appearance (`cluster_candidates`); a cluster of
+   `min_candidates` or more sends the class to confirmation whatever its
    disagreement rate, because a weak or confusable model disagrees a lot on benign labels and
    a trigger that rides into the object crops hides its own target.
 2. *Disagreement* well above the other classes' (one-sided binomial test against their pooled
