@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -298,12 +299,8 @@ def _check_chunk(
         raise
     except Exception:  # noqa: BLE001 - find the image(s) at fault below, one at a time
         pass
-    found, failed = [], []
+    found: list[ImageCheck] = []
+    recorded = len(ctx.failures)
     for index in part:
-        try:
-            found += check([index])
-        except FATAL:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one image's failure must not end the scan
-            failed.append(ctx.fail("oracle", exc, index))
-    return found, failed
+        found += ctx.attempt("oracle", partial(check, [index]), index) or []
+    return found, ctx.failures[recorded:]

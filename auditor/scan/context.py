@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -28,6 +29,8 @@ Progress = Callable[[str, int, int | None], None]
 
 FATAL = (EnvironmentProblem, EngineError, MemoryError)
 """Errors that would fail every image alike: they stop the scan instead of being recorded."""
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,16 @@ class ScanContext:
         """float32 (n, C) zero-shot probabilities of the audited model."""
         self.images_scored += len(images)
         return self.scorer.probabilities(images, self.loaded.preprocess, self.config.batch_size * 2)
+
+    def attempt(self, stage: str, work: Callable[[], T], index: int | None = None) -> T | None:
+        """`work()`, or None with the error recorded as a failure of `stage` (FATAL errors propagate)."""
+        try:
+            return work()
+        except FATAL:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one image's or one step's failure must not end the scan
+            self.fail(stage, exc, index)
+            return None
 
     def fail(self, stage: str, exc: Exception, index: int | None = None) -> FailureInfo:
         """Record that `stage` could not finish (for image `index`, or for a step over many)."""

@@ -10,7 +10,7 @@ have several targets: each confirmed one is a `Finding`, and the report lists th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -31,7 +31,7 @@ from auditor.report import (
 )
 from auditor.scan.check import ImageCheck
 from auditor.scan.confirm import CleanSet, Finding, confirm_overlay, confirm_patch
-from auditor.scan.context import FATAL, Progress, ScanContext
+from auditor.scan.context import Progress, ScanContext
 from auditor.scan.suspects import candidate_clusters, suspect_classes
 from auditor.scan.victims import Victim
 
@@ -71,12 +71,12 @@ def find_backdoors(ctx: ScanContext, checks: dict[int, ImageCheck], tick: Progre
     total = len(patch_tests) + len(overlay_tests)
     for cluster in patch_tests:
         if cluster.target not in confirmed:
-            finding = _guarded(ctx, partial(confirm_patch, ctx, checks, cluster, clean))
+            finding = ctx.attempt("confirm", partial(confirm_patch, ctx, checks, cluster, clean))
             _keep(finding, threshold, confirmed, tested)
         tick("confirming", 1, total)
     for target in overlay_tests:
         if target not in confirmed:
-            finding = _guarded(ctx, partial(confirm_overlay, ctx, checks, target, clean))
+            finding = ctx.attempt("confirm", partial(confirm_overlay, ctx, checks, target, clean))
             _keep(finding, threshold, confirmed, tested)
         tick("confirming", 1, total)
     rejected = [f.transplant_rate for f in tested if f.target not in confirmed]
@@ -98,17 +98,6 @@ def _clean_set(ctx: ScanContext, checks: dict[int, ImageCheck], suspected: set[i
     return CleanSet(tuple(clean), tuple(ctx.image(c.index) for c in clean))
 
 
-def _guarded(ctx: ScanContext, confirm: Callable[[], Finding | None]) -> Finding | None:
-    """Run one confirmation; an unexpected error is recorded and must not hide the others."""
-    try:
-        return confirm()
-    except FATAL:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        ctx.fail("confirm", exc)
-        return None
-
-
 def _keep(
     finding: Finding | None, threshold: float, confirmed: dict[int, Finding], tested: list[Finding]
 ) -> None:
@@ -128,22 +117,20 @@ def severity(finding: Finding | None) -> str:
 
 def trigger_file(rank: int, finding: Finding, classes: list[str]) -> str | None:
     """The PNG the writers save a finding's trigger to: trigger.png for the strongest."""
-    if finding.prototype is None:
-        return None
-    if rank == 0:
-        return TRIGGER_FILE
-    safe = "".join(ch if ch.isalnum() else "-" for ch in classes[finding.target])
-    return f"trigger-{rank + 1}-{safe}.png"
+    return None if finding.prototype is None else artifact_name("trigger", ".png", rank, finding, classes)
 
 
 def overlay_file(rank: int, finding: Finding, classes: list[str]) -> str | None:
     """The .npy the writers save a non-localized finding's overlay to (repair stops on it)."""
-    if finding.overlay is None:
-        return None
+    return None if finding.overlay is None else artifact_name("overlay", ".npy", rank, finding, classes)
+
+
+def artifact_name(stem: str, suffix: str, rank: int, finding: Finding, classes: list[str]) -> str:
+    """`stem.suffix` for the strongest finding, `stem-N-LABEL.suffix` for the N-th."""
     if rank == 0:
-        return "overlay.npy"
+        return stem + suffix
     safe = "".join(ch if ch.isalnum() else "-" for ch in classes[finding.target])
-    return f"overlay-{rank + 1}-{safe}.npy"
+    return f"{stem}-{rank + 1}-{safe}{suffix}"
 
 
 def victim_labels(finding: Finding, classes: list[str]) -> tuple[str, ...]:

@@ -20,15 +20,14 @@ from auditor.report import Report
 from auditor.scan.cache import ScanCache
 from auditor.scan.check import ImageCheck, run_checks
 from auditor.scan.compact import CompactPair, compact_set
-from auditor.scan.context import FATAL, Progress, ScanConfig, ScanContext, ScoreFn
+from auditor.scan.context import Progress, ScanConfig, ScanContext, ScoreFn
 from auditor.scan.findings import (
     COMPACT_DIR,
     TRIGGER_FILE,
     Findings,
+    artifact_name,
     build_report,
     find_backdoors,
-    overlay_file,
-    trigger_file,
 )
 from auditor.scan.screen import choose_sample, full_probs, predictions, score_all
 from auditor.scan.suspects import candidate_clusters, suspect_classes
@@ -44,13 +43,8 @@ class ScanResult:
 
     report: Report
     triggers: dict[str, np.ndarray]
-    compact: tuple[CompactPair, ...] = ()
     overlays: dict[str, np.ndarray] = field(default_factory=dict)  # file name -> float32 (H, W, 3)
-
-    @property
-    def trigger_pixels(self) -> np.ndarray | None:
-        """The strongest finding's trigger (`trigger.png`), if it is a patch."""
-        return self.triggers.get(TRIGGER_FILE)
+    compact: tuple[CompactPair, ...] = ()
 
 
 def scan(
@@ -99,12 +93,7 @@ def scan(
         compact = _compact(ctx, checks, findings)
         seconds["confirmation"] = time.perf_counter() - started
     report = build_report(ctx, checks, findings, len(compact), seconds, len(scores.indices))
-    overlays = {
-        name: f.overlay
-        for rank, f in enumerate(findings.confirmed)
-        if f.overlay is not None and (name := overlay_file(rank, f, dataset.classes))
-    }
-    return ScanResult(report, _trigger_pixels(findings, dataset.classes), compact, overlays)
+    return ScanResult(report, *_trigger_files(findings, dataset.classes), compact)
 
 
 def _reference_scorer(reference: LoadedModel, classes: list[str], config: ScanConfig) -> ScoreFn:
@@ -142,19 +131,18 @@ def _oracle_checks(
 
 
 def _compact(ctx: ScanContext, checks: dict[int, ImageCheck], findings: Findings) -> tuple[CompactPair, ...]:
-    try:
-        return compact_set(ctx, checks, findings)
-    except FATAL:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the findings stand without their compact set
-        ctx.fail("compact", exc)
-        return ()
+    """The compact set; if building it fails, the findings stand without one (a recorded failure)."""
+    return ctx.attempt("compact", lambda: compact_set(ctx, checks, findings)) or ()
 
 
-def _trigger_pixels(findings: Findings, classes: list[str]) -> dict[str, np.ndarray]:
-    files = {}
+def _trigger_files(
+    findings: Findings, classes: list[str]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """({PNG name: prototype pixels}, {.npy name: overlay}) of the confirmed findings."""
+    pixels, overlays = {}, {}
     for rank, finding in enumerate(findings.confirmed):
-        name = trigger_file(rank, finding, classes)
-        if name is not None and finding.prototype is not None:
-            files[name] = finding.prototype.pixels
-    return files
+        if finding.prototype is not None:
+            pixels[artifact_name("trigger", ".png", rank, finding, classes)] = finding.prototype.pixels
+        if finding.overlay is not None:
+            overlays[artifact_name("overlay", ".npy", rank, finding, classes)] = finding.overlay
+    return pixels, overlays
