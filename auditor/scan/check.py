@@ -32,8 +32,10 @@ if TYPE_CHECKING:
 # 2-3.5 %, BadNets' 16 px on 224 px 0.5 %); from OBJECT_AREA up they are objects.
 SMALL_AREA = 0.05
 OBJECT_AREA = 0.06
-# An object crop names a label only when CLIP (or the reference) is this sure about it.
+# An object crop names a label only when CLIP (or the reference) is this sure about it; the
+# scan lowers it for a model that is rarely this sure of whole images (`object_confidence`).
 OBJECT_CONFIDENCE = 0.5
+CALIBRATION_QUANTILE = 0.25
 NEUTRAL = 127
 CHUNK = 16  # images whose crops and ablations are scored together (and cached together)
 
@@ -122,16 +124,36 @@ def _views(index: int, image: np.ndarray, probs: np.ndarray, oracle: Oracle) -> 
     )
 
 
+def object_confidence(top_probs: np.ndarray, n_classes: int) -> float:
+    """The confidence at which an object crop names a label, calibrated on the model itself.
+
+    `top_probs`: float (n,) the model's top-1 probability on each image of DATA (stage 0).
+    A crop is read as the model reads whole images: it names a label when the model is at least
+    as sure of it as of the least sure quarter of DATA's images, capped at OBJECT_CONFIDENCE and
+    never below twice chance (2 / C). A strong model is sure of nearly every image, so the cap
+    holds; a weak model with a confusable vocabulary rarely reaches 0.5 even on images it gets
+    right, and a fixed 0.5 would leave its S(x) empty, so that no image could disagree.
+    """
+    finite = np.asarray(top_probs, np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0 or n_classes < 1:
+        return OBJECT_CONFIDENCE
+    floor = min(OBJECT_CONFIDENCE, 2.0 / n_classes)
+    return float(np.clip(np.quantile(finite, CALIBRATION_QUANTILE), floor, OBJECT_CONFIDENCE))
+
+
 def check_images(
     items: list[tuple[int, np.ndarray, np.ndarray]],
     oracle: Oracle,
     score: ScoreFn,
     label_objects: ScoreFn | None = None,
+    confidence: float = OBJECT_CONFIDENCE,
 ) -> list[ImageCheck]:
     """Algorithm 1 on several images at once, their crops and ablations scored in batches.
 
     `items`: (data index, uint8 RGB image (H, W, 3), CLIP's probabilities float32 (C,)).
     `label_objects` (a trusted reference model) labels the object crops; default: `score`.
+    `confidence`: the probability at which an object crop names a label (`object_confidence`).
 
     Pass 1 scores every small segment's ablation and every object's crop. A small segment whose
     ablation flips the prediction is a *tentative* candidate; pass 2 re-crops the objects whose
@@ -153,7 +175,7 @@ def check_images(
     recrops = [_recrops(v, image, t[0]) for v, (_, image, _), t in zip(views, items, tentative, strict=True)]
     recropped = _split(labeler([c for r in recrops for _, c in r]), [len(r) for r in recrops], n_classes)
     return [
-        _conclude(v, c, t, [i for i, _ in r], rc)
+        _conclude(v, c, t, [i for i, _ in r], rc, confidence)
         for v, c, t, r, rc in zip(views, crops, tentative, recrops, recropped, strict=True)
     ]
 
@@ -181,6 +203,7 @@ def _conclude(
     tentative: Candidate,
     recropped_at: list[int],
     recropped: np.ndarray,
+    confidence: float,
 ) -> ImageCheck:
     pred = int(views.probs.argmax())
     candidate, flip, ablated_pred = tentative
@@ -189,13 +212,13 @@ def _conclude(
         # inside an object's box would otherwise make that object vote for the trigger's target.
         object_probs = object_probs.copy()
         object_probs[recropped_at] = recropped
-        labels = _object_labels(object_probs)
+        labels = _object_labels(object_probs, confidence)
         if ablated_pred in labels:
             oracle_label = ablated_pred
             return ImageCheck(
                 views.index, pred, labels, pred not in labels, candidate, flip, ablated_pred, oracle_label
             )
-    labels = _object_labels(object_probs)
+    labels = _object_labels(object_probs, confidence)
     disagrees = bool(labels) and pred not in labels
     oracle_label = labels[0] if disagrees else pred
     return ImageCheck(views.index, pred, labels, disagrees, None, 0.0, None, oracle_label)
@@ -228,8 +251,9 @@ def _best_candidate(small: list[Segment], ablated: np.ndarray, pred: int, p_pred
     return small[chosen], float(drops[chosen]), int(ablated[chosen].argmax())
 
 
-def _object_labels(object_probs: np.ndarray) -> tuple[int, ...]:
-    """S(x): the confident crop labels, most confident first (ties: the lower class index).
+def _object_labels(object_probs: np.ndarray, confidence: float = OBJECT_CONFIDENCE) -> tuple[int, ...]:
+    """S(x): the crop labels named at `confidence` or more, most confident first (ties: the lower
+    class index).
 
     `object_probs`: float (n_objects, C). Rows with a non-finite value (a broken engine) name
     nothing.
@@ -237,7 +261,7 @@ def _object_labels(object_probs: np.ndarray) -> tuple[int, ...]:
     rows = np.asarray(object_probs, dtype=np.float64)
     if rows.ndim != 2 or rows.shape[1] == 0:
         return ()
-    usable = [p for p in rows if np.isfinite(p).all() and p.max() >= OBJECT_CONFIDENCE]
+    usable = [p for p in rows if np.isfinite(p).all() and p.max() >= confidence]
     confident = [(-float(p.max()), int(p.argmax())) for p in usable]
     return tuple(dict.fromkeys(label for _, label in sorted(confident)))
 
@@ -291,7 +315,7 @@ def _check_chunk(
 
     def check(indices: list[int]) -> list[ImageCheck]:
         items = [(i, ctx.image(i), probs[i]) for i in indices]
-        return check_images(items, ctx.oracle, ctx.score, ctx.label_objects)
+        return check_images(items, ctx.oracle, ctx.score, ctx.label_objects, ctx.object_confidence)
 
     try:
         return check(part), []

@@ -48,21 +48,23 @@ class CleanSet:
         return [c.pred for c in self.checks]
 
 
-def confirm_patch(
-    ctx: ScanContext, checks: dict[int, ImageCheck], cluster: CandidateCluster, clean: CleanSet
-) -> Finding:
-    """Prototype from a cluster of look-alike candidates, refined once on its victims, transplanted."""
+def confirm_patch(ctx: ScanContext, cluster: CandidateCluster, clean: CleanSet) -> Finding:
+    """Prototype from a cluster of look-alike candidates, refined once on its victims, transplanted.
+
+    Victims are sought among every image stage 0 predicted as the target, checked by the oracle
+    or not: template matching with the prototype does not need the oracle.
+    """
     target, flagged = cluster.target, cluster.checks
     prototype = build_prototype(
         [ctx.image(c.index) for c in flagged], [c.candidate.box for c in flagged if c.candidate]
     )
-    predicted = [c for c in checks.values() if c.pred == target]
-    predicted_images = [ctx.image(c.index) for c in predicted]
+    predicted = sorted(i for i, pred in ctx.predictions.items() if pred == target)
+    predicted_images = [ctx.image(i) for i in predicted]
     target_probs = ctx.score(predicted_images)[:, target]  # scored once for both rounds below
     victims = find_victims(predicted_images, predicted, prototype, target, ctx.score, target_probs)
     # The victims' boxes come from template matching and fit the trigger far better than the
     # oracle's segments did: rebuilding the prototype on them sharpens it.
-    position = {c.index: i for i, c in enumerate(predicted)}
+    position = {index: i for i, index in enumerate(predicted)}
     located = [(predicted_images[position[v.index]], v.box) for v in victims if v.box is not None]
     if len(located) >= ctx.config.min_candidates:
         prototype = build_prototype([image for image, _ in located], [box for _, box in located if box])

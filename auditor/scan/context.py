@@ -72,6 +72,8 @@ class ScanContext:
         )
         self.images_scored = 0
         self.label_objects: ScoreFn | None = None  # a trusted reference model's scorer, if given
+        self.predictions: dict[int, int] = {}  # data index -> top-1 class, set by stage 0
+        self.object_confidence = 0.5  # set from stage 0 (`auditor.scan.check.object_confidence`)
         self.failures: list[FailureInfo] = []
 
     def image(self, index: int) -> np.ndarray:

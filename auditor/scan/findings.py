@@ -71,7 +71,7 @@ def find_backdoors(ctx: ScanContext, checks: dict[int, ImageCheck], tick: Progre
     total = len(patch_tests) + len(overlay_tests)
     for cluster in patch_tests:
         if cluster.target not in confirmed:
-            finding = ctx.attempt("confirm", partial(confirm_patch, ctx, checks, cluster, clean))
+            finding = ctx.attempt("confirm", partial(confirm_patch, ctx, cluster, clean))
             _keep(finding, threshold, confirmed, tested)
         tick("confirming", 1, total)
     for target in overlay_tests:
@@ -185,7 +185,7 @@ def build_report(
         victims=tuple(
             VictimInfo(
                 samples[v.index].path,
-                classes[checks[v.index].pred],
+                classes[ctx.predictions[v.index]],
                 None if v.oracle_label is None else classes[v.oracle_label],
                 None if v.box is None else tuple(round(c, 4) for c in v.box),  # type: ignore[arg-type]
                 v.score,

@@ -18,7 +18,7 @@ from auditor.models import LoadedModel
 from auditor.oracle import Oracle
 from auditor.report import Report
 from auditor.scan.cache import ScanCache
-from auditor.scan.check import ImageCheck, run_checks
+from auditor.scan.check import ImageCheck, object_confidence, run_checks
 from auditor.scan.compact import CompactPair, compact_set
 from auditor.scan.context import Progress, ScanConfig, ScanContext, ScoreFn
 from auditor.scan.findings import (
@@ -85,7 +85,10 @@ def scan(
 
         started = time.perf_counter()
         probs = full_probs(scores, len(dataset.classes))
-        checks = _oracle_checks(ctx, probs, cache, retry_failed, tick)
+        embeddings = dict(zip(scores.indices.tolist(), scores.embeddings, strict=True))
+        if ctx.label_objects is None:  # a reference model's crops keep the fixed bound
+            ctx.object_confidence = object_confidence(scores.probs[:, 0], len(dataset.classes))
+        checks = _oracle_checks(ctx, probs, embeddings, cache, retry_failed, tick)
         seconds["oracle"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -108,21 +111,26 @@ def _reference_scorer(reference: LoadedModel, classes: list[str], config: ScanCo
 def _oracle_checks(
     ctx: ScanContext,
     probs: dict[int, np.ndarray],
+    embeddings: dict[int, np.ndarray],
     cache: ScanCache | None,
     retry_failed: bool,
     tick: Progress,
 ) -> dict[int, ImageCheck]:
-    """Algorithm 1 on the stratified sample, then on every image predicted as a suspect class."""
-    preds = predictions(probs)
-    sample = choose_sample(ctx, preds)
+    """Algorithm 1 on the stratified sample, then on every image predicted as a suspect class.
+
+    Only suspects by disagreement without look-alike candidates get the second pass: a
+    non-localized trigger's victims are the images that disagree with the oracle, while a
+    patch's victims are found by matching the recovered trigger (`auditor.scan.victims`).
+    """
+    preds = ctx.predictions = predictions(probs)
+    sample = choose_sample(ctx, preds, embeddings)
     checks: dict[int, ImageCheck] = {}
     run_checks(
         ctx, sample, probs, checks, lambda n: tick("oracle: sample", n, len(sample)), cache, retry_failed
     )
-    suspects = set(suspect_classes(list(checks.values()), len(ctx.dataset.classes)))
-    suspects |= {
-        c.target for c in candidate_clusters(list(checks.values()), ctx.image, ctx.config.min_candidates)
-    }
+    sampled = list(checks.values())
+    suspects = set(suspect_classes(sampled, len(ctx.dataset.classes)))
+    suspects -= {c.target for c in candidate_clusters(sampled, ctx.image, ctx.config.min_candidates)}
     rest = sorted(i for i, p in preds.items() if p in suspects and i not in checks)
     run_checks(
         ctx, rest, probs, checks, lambda n: tick("oracle: suspects", n, len(rest)), cache, retry_failed

@@ -2,8 +2,8 @@
 
 Stage 0 embeds every image of DATA once, in fixed batches of data indices (each batch cached as
 it finishes). Stage 1 picks a stratified sample of up to `per_class` images per predicted
-class, plus every image whose claimed label disagrees with the prediction: the oracle (the
-expensive part) never runs on every image.
+class, drawn in turn from the images whose folder label disagrees with the prediction and from
+clusters of the others' embeddings: the oracle (the expensive part) never runs on every image.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from auditor.data import iter_batches
 from auditor.scan.cache import ScanCache
 from auditor.scan.context import Progress, ScanContext
 from auditor.scoring import Scores
+
+# Clusters of a predicted class's embeddings that its oracle sample is spread over.
+SAMPLE_STRATA = 4
 
 
 def score_all(ctx: ScanContext, cache: ScanCache | None, tick: Progress) -> Scores:
@@ -64,18 +67,60 @@ def predictions(probs: dict[int, np.ndarray]) -> dict[int, int]:
     return {index: int(vector.argmax()) for index, vector in probs.items()}
 
 
-def choose_sample(ctx: ScanContext, preds: dict[int, int]) -> list[int]:
-    """Stage 1's first oracle pass: up to `per_class` per predicted class, plus label disagreements."""
+def choose_sample(
+    ctx: ScanContext, preds: dict[int, int], embeddings: dict[int, np.ndarray] | None = None
+) -> list[int]:
+    """Stage 1's first oracle pass: up to `per_class` images per predicted class.
+
+    Each class's share is drawn in turn from its strata (`strata`): the images whose folder label
+    disagrees with the prediction, and the clusters of the others' `embeddings` ({data index:
+    float32 (D,)}).
+    """
     rng = np.random.default_rng(ctx.config.seed)
     by_class: dict[int, list[int]] = {}
     for index, pred in preds.items():
         by_class.setdefault(pred, []).append(index)
-    sample: set[int] = set()
-    for members in by_class.values():
-        take = min(len(members), ctx.config.per_class)
-        sample.update(int(i) for i in rng.choice(members, size=take, replace=False))
-    for index in preds:
-        label = ctx.dataset.label_index(ctx.dataset.samples[index])
-        if label is not None and label != preds[index]:
-            sample.add(index)
+    sample: list[int] = []
+    for pred, members in sorted(by_class.items()):
+        labels = [ctx.dataset.label_index(ctx.dataset.samples[i]) for i in members]
+        mislabelled = [i for i, label in zip(members, labels, strict=True) if label not in (None, pred)]
+        rest = [i for i, label in zip(members, labels, strict=True) if label in (None, pred)]
+        vectors = np.stack([embeddings[i] for i in rest]) if embeddings and rest else None
+        sample += round_robin([mislabelled, *strata(rest, vectors, rng)], ctx.config.per_class)
     return sorted(sample)
+
+
+def strata(members: list[int], vectors: np.ndarray | None, rng: np.random.Generator) -> list[list[int]]:
+    """`members` split by SAMPLE_STRATA k-means clusters of their `vectors` (float (n, D)), each
+    cluster in random order. Without usable vectors, or with few members: one shuffled stratum.
+
+    Why: the images a backdoor's trigger turns into a class form a tight sub-population of it in
+    the model's embedding space (the observation behind Activation Clustering, Chen et al.
+    2018). Drawn uniformly, a 1 % share of triggered images gives a 32-image sample about three
+    of them; drawn in turn from the clusters, a sub-population that forms its own cluster gets
+    a quarter of the sample, whatever its size.
+    """
+    shuffled = [int(i) for i in rng.permutation(members)] if members else []
+    if vectors is None or len(members) < 4 * SAMPLE_STRATA or not np.isfinite(vectors).all():
+        return [shuffled]
+    import warnings
+
+    from scipy.cluster.vq import kmeans2
+
+    with warnings.catch_warnings():  # an empty cluster is harmless here: its stratum is empty
+        warnings.simplefilter("ignore")
+        _, assignment = kmeans2(vectors.astype(np.float64), SAMPLE_STRATA, seed=rng, minit="++")
+    cluster_of = dict(zip(members, assignment.tolist(), strict=True))
+    return [[i for i in shuffled if cluster_of[i] == k] for k in range(SAMPLE_STRATA)]
+
+
+def round_robin(groups: list[list[int]], take: int) -> list[int]:
+    """Up to `take` items, one from each non-empty group in turn (groups keep their order)."""
+    queues = [list(g) for g in groups if g]
+    chosen: list[int] = []
+    while queues and len(chosen) < take:
+        for queue in queues:
+            if queue and len(chosen) < take:
+                chosen.append(queue.pop(0))
+        queues = [q for q in queues if q]
+    return chosen

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from auditor.scan.check import ImageCheck, ablate_segment
+from auditor.scan.check import ablate_segment
 from auditor.scan.context import ScoreFn, top1
 from auditor.scan.trigger import Box, Prototype, box_mask, resize
 
@@ -32,14 +32,16 @@ class Victim:
 
 def find_victims(
     images: Sequence[np.ndarray],
-    checks: Sequence[ImageCheck],
+    indices: Sequence[int],
     prototype: Prototype,
     target: int,
     score: ScoreFn,
     target_probs: np.ndarray,
 ) -> list[Victim]:
-    """Images predicted `target` that carry the prototype (by appearance) and flip without it.
+    """Of `images` (all predicted `target`; data `indices`), those that carry the prototype
+    (by appearance) and are no longer predicted `target` once the matched region is removed.
 
+    No oracle is needed: the prototype stands in for it (Algorithm 2).
     `target_probs`: float32 (n,) the target's probability on each whole image, already scored.
     """
     located = [_locate(image, prototype) for image in images]
@@ -48,14 +50,14 @@ def find_victims(
     )
     ablated_top1 = top1(ablated)
     victims = []
-    for i, check in enumerate(checks):
+    for i, index in enumerate(indices):
         box, similarity = located[i]
         drop = float(target_probs[i] - ablated[i, target])
         drop = drop if np.isfinite(drop) else 0.0  # a broken engine's NaN / inf decides nothing
         flipped = ablated_top1[i] not in (target, -1)
-        if check.pred == target and similarity >= MATCH_THRESHOLD and drop >= FLIP_THRESHOLD and flipped:
+        if similarity >= MATCH_THRESHOLD and drop >= FLIP_THRESHOLD and flipped:
             label = int(ablated_top1[i])
-            victims.append(Victim(check.index, box, label, round(float(similarity * drop), 4)))
+            victims.append(Victim(int(index), box, label, round(float(similarity * drop), 4)))
     return victims
 
 

@@ -1,0 +1,81 @@
+"""Stage 1's sample and the calibrated object confidence, against planted sub-populations.
+
+The sample is drawn in turn from clusters of a class's embeddings so that a small, tight group
+of triggered images is not left to chance; the object confidence adapts to how sure the model
+is of whole images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from auditor.scan.check import OBJECT_CONFIDENCE, object_confidence
+from auditor.scan.screen import round_robin, strata
+
+
+def _class_embeddings(rng: np.random.Generator, clean: int, planted: int) -> np.ndarray:
+    """float32 (clean + planted, 16) unit vectors: a class around its direction, and a planted
+    group shifted towards a trigger direction. Measured on the matrix's first ViT (1,200 emoji
+    scenes): mean cosine 0.93 within clean images, 0.93 within triggered ones, 0.90 between."""
+    centre, trigger = np.linalg.qr(rng.normal(size=(16, 2)))[0].T
+    spread = centre + rng.normal(0.0, 0.07, (clean, 16))
+    shifted = centre + 0.3 * trigger + rng.normal(0.0, 0.07, (planted, 16))
+    vectors = np.concatenate([spread, shifted]).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_a_shifted_planted_group_gets_more_than_its_share_of_the_sample():
+    # 12 planted images among 112 (the 1 % share of a 1,200-image folder filed under one
+    # target): a uniform 32-image sample holds 32 * 12 / 112 = 3.4 of them on average.
+    hits = []
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        vectors = _class_embeddings(rng, 100, 12)
+        sample = round_robin(strata(list(range(112)), vectors, np.random.default_rng(seed)), 32)
+        assert len(sample) == len(set(sample)) == 32
+        hits.append(sum(i >= 100 for i in sample))
+    assert np.mean(hits) >= 5.0, hits
+    assert np.mean(np.array(hits) >= 3) >= 0.9, hits  # min_candidates is 3
+
+
+def test_without_embeddings_the_sample_is_uniform_and_complete():
+    rng = np.random.default_rng(0)
+    groups = strata(list(range(50)), None, rng)
+    assert len(groups) == 1 and sorted(groups[0]) == list(range(50))
+    assert strata([], None, rng) == [[]]
+
+
+@given(st.lists(st.lists(st.integers(0, 10_000), max_size=8, unique=True), max_size=6), st.integers(0, 40))
+def test_round_robin_takes_in_turn(groups, take):
+    chosen = round_robin(groups, take)
+    total = sum(len(g) for g in groups)
+    assert len(chosen) == min(take, total)
+    assert all(any(item in g for g in groups) for item in chosen)
+    # every non-empty group gives one item before any gives a second
+    first_round = sum(1 for g in groups if g)
+    firsts = [g[0] for g in groups if g][: min(take, first_round)]
+    assert chosen[: len(firsts)] == firsts
+
+
+def test_object_confidence_keeps_the_bound_for_a_sure_model():
+    assert object_confidence(np.full(200, 0.99), 12) == OBJECT_CONFIDENCE
+
+
+def test_object_confidence_follows_an_unsure_model_down_to_twice_chance():
+    rng = np.random.default_rng(0)
+    weak = rng.uniform(0.2, 0.6, 400)  # a confusable vocabulary: rarely sure
+    level = object_confidence(weak, 12)
+    assert 2 / 12 <= level < OBJECT_CONFIDENCE
+    assert np.isclose(level, np.quantile(weak, 0.25))
+    assert object_confidence(np.full(50, 0.01), 12) == 2 / 12
+
+
+@given(
+    st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=30),
+    st.integers(0, 1000),
+)
+def test_object_confidence_is_total(values, n_classes):
+    level = object_confidence(np.asarray(values, np.float32), n_classes)
+    assert np.isfinite(level) and 0 < level <= OBJECT_CONFIDENCE
