@@ -30,7 +30,7 @@ from auditor.scan.findings import (
     find_backdoors,
 )
 from auditor.scan.screen import choose_sample, full_probs, predictions, score_all
-from auditor.scan.suspects import candidate_clusters, suspect_classes
+from auditor.scan.suspects import candidate_clusters, follow_up, suspect_classes
 from auditor.scoring import make_scorer, torch_runners
 from engines.runners import Runner
 
@@ -116,7 +116,9 @@ def _oracle_checks(
     retry_failed: bool,
     tick: Progress,
 ) -> dict[int, ImageCheck]:
-    """Algorithm 1 on the stratified sample, then on every image predicted as a suspect class.
+    """Algorithm 1 on the stratified sample, on the follow-up images that match a class's
+    strongest candidate (`auditor.scan.suspects.follow_up`), then on every image predicted as a
+    suspect class.
 
     Only suspects by disagreement without look-alike candidates get the second pass: a
     non-localized trigger's victims are the images that disagree with the oracle, while a
@@ -127,6 +129,10 @@ def _oracle_checks(
     checks: dict[int, ImageCheck] = {}
     run_checks(
         ctx, sample, probs, checks, lambda n: tick("oracle: sample", n, len(sample)), cache, retry_failed
+    )
+    extra = follow_up(checks, preds, ctx.image, ctx.config.min_candidates)
+    run_checks(
+        ctx, extra, probs, checks, lambda n: tick("oracle: follow-up", n, len(extra)), cache, retry_failed
     )
     sampled = list(checks.values())
     suspects = set(suspect_classes(sampled, len(ctx.dataset.classes)))

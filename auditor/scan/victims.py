@@ -44,7 +44,7 @@ def find_victims(
     No oracle is needed: the prototype stands in for it (Algorithm 2).
     `target_probs`: float32 (n,) the target's probability on each whole image, already scored.
     """
-    located = [_locate(image, prototype) for image in images]
+    located = [locate(image, prototype) for image in images]
     ablated = score(
         [ablate_segment(image, box_mask(image, box)) for image, (box, _) in zip(images, located, strict=True)]
     )
@@ -61,7 +61,7 @@ def find_victims(
     return victims
 
 
-def _locate(image: np.ndarray, prototype: Prototype) -> tuple[Box, float]:
+def locate(image: np.ndarray, prototype: Prototype) -> tuple[Box, float]:
     """Best match of the prototype (at its median observed size) in `image`: (box, NCC score)."""
     from skimage.feature import match_template
 
