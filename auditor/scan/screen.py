@@ -97,8 +97,8 @@ def strata(members: list[int], vectors: np.ndarray | None, rng: np.random.Genera
     Why: the images a backdoor's trigger turns into a class form a tight sub-population of it in
     the model's embedding space (the observation behind Activation Clustering, Chen et al.
     2018). Drawn uniformly, a 1 % share of triggered images gives a 32-image sample about three
-    of them; drawn in turn from the clusters, a sub-population that forms its own cluster gets
-    a quarter of the sample, whatever its size.
+    of them; drawn in turn from the strata, a sub-population that forms its own cluster gets an
+    equal turn with the other strata, whatever its size.
     """
     shuffled = [int(i) for i in rng.permutation(members)] if members else []
     if vectors is None or len(members) < 4 * SAMPLE_STRATA or not np.isfinite(vectors).all():

@@ -116,7 +116,8 @@ def cluster_candidates(features: Sequence[tuple[np.ndarray, float]]) -> list[lis
 
 def looks_alike(a: tuple[np.ndarray, float], b: tuple[np.ndarray, float]) -> bool:
     """Whether two candidates look alike: sizes within SIZE_RATIO, and appearance vectors that
-    correlate >= LOOK_ALIKE at the best of the small shifts `_correlation` tries."""
+    correlate (`_correlation`) >= LOOK_ALIKE at the best of the (2 * _MARGIN + 1)^2 shifts that
+    the appearance vectors' context allows (plain correlation for vectors of any other length)."""
     (va, sa), (vb, sb) = a, b
     if (
         not (np.isfinite(sa) and np.isfinite(sb))
