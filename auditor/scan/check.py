@@ -23,7 +23,7 @@ import numpy as np
 
 from auditor.oracle import Oracle, Segment, pixel_box
 from auditor.report import FailureInfo
-from auditor.scan.context import FATAL, ScanContext, ScoreFn
+from auditor.scan.context import FATAL, OBJECT_CONFIDENCE, ScanContext, ScoreFn
 
 if TYPE_CHECKING:
     from auditor.scan.cache import ScanCache
@@ -32,10 +32,7 @@ if TYPE_CHECKING:
 # 2-3.5 %, BadNets' 16 px on 224 px 0.5 %); from OBJECT_AREA up they are objects.
 SMALL_AREA = 0.05
 OBJECT_AREA = 0.06
-# An object crop names a label only when CLIP (or the reference) is this sure about it; the
-# scan lowers it for a model that is rarely this sure of whole images (`object_confidence`).
-OBJECT_CONFIDENCE = 0.5
-CALIBRATION_QUANTILE = 0.25
+CALIBRATION_QUANTILE = 0.25  # of stage 0's top-1 probabilities (`object_confidence`)
 NEUTRAL = 127
 CHUNK = 16  # images whose crops and ablations are scored together (and cached together)
 

@@ -16,6 +16,7 @@ from auditor.scan.check import ImageCheck, ablate_segment
 from auditor.scan.confirm import Finding, add_overlay
 from auditor.scan.context import ScanContext
 from auditor.scan.findings import Findings, all_victims
+from auditor.scan.screen import round_robin
 from auditor.scan.trigger import box_mask, paste
 
 
@@ -61,7 +62,12 @@ def compact_set(
         )
     agreeing = [c for c in checks.values() if not c.disagrees and c.pred in c.object_labels]
     others = [c for c in agreeing if c.pred not in targets]
-    others = _round_robin([others[i] for i in rng.permutation(len(others))])
+    # Reordered so that labels alternate: any prefix covers the labels as evenly as it can.
+    shuffled = [others[i] for i in rng.permutation(len(others))]
+    others = round_robin(
+        [[c for c in shuffled if c.pred == label] for label in sorted({c.pred for c in shuffled})],
+        len(shuffled),
+    )
     usable = [planter for planter in planters if planter is not None]
     if usable:
         for n, check in enumerate(others[: budget // 4]):
@@ -75,18 +81,6 @@ def compact_set(
         name, caption = f"clean-{check.index:06d}.png", _caption(classes[check.pred])
         pairs.append(CompactPair(name, ctx.image(check.index), caption, ctx.path(check.index)))
     return tuple(pairs)
-
-
-def _round_robin(checks: list[ImageCheck]) -> list[ImageCheck]:
-    """Reorder so that labels alternate: any prefix covers the labels as evenly as it can."""
-    by_label: dict[int, list[ImageCheck]] = {}
-    for check in checks:
-        by_label.setdefault(check.pred, []).append(check)
-    queues = [by_label[label] for label in sorted(by_label)]
-    out: list[ImageCheck] = []
-    for rank in range(max((len(q) for q in queues), default=0)):
-        out += [q[rank] for q in queues if rank < len(q)]
-    return out
 
 
 def _caption(label: str) -> str:

@@ -32,6 +32,11 @@ FATAL = (EnvironmentProblem, EngineError, MemoryError)
 
 T = TypeVar("T")
 
+# An object crop names a label only when CLIP (or the reference) is this sure about it; the
+# scan lowers it for a model that is rarely this sure of whole images
+# (`auditor.scan.check.object_confidence`).
+OBJECT_CONFIDENCE = 0.5
+
 
 @dataclass(frozen=True)
 class ScanConfig:
@@ -73,7 +78,7 @@ class ScanContext:
         self.images_scored = 0
         self.label_objects: ScoreFn | None = None  # a trusted reference model's scorer, if given
         self.predictions: dict[int, int] = {}  # data index -> top-1 class, set by stage 0
-        self.object_confidence = 0.5  # set from stage 0 (`auditor.scan.check.object_confidence`)
+        self.object_confidence = OBJECT_CONFIDENCE  # calibrated after stage 0
         self.failures: list[FailureInfo] = []
 
     def image(self, index: int) -> np.ndarray:

@@ -8,11 +8,13 @@ clusters of the others' embeddings: the oracle (the expensive part) never runs o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from auditor.data import iter_batches
 from auditor.scan.cache import ScanCache
-from auditor.scan.context import Progress, ScanContext
+from auditor.scan.context import Progress, ScanContext, T
 from auditor.scoring import Scores
 
 # Clusters of a predicted class's embeddings that its oracle sample is spread over.
@@ -114,10 +116,10 @@ def strata(members: list[int], vectors: np.ndarray | None, rng: np.random.Genera
     return [[i for i in shuffled if cluster_of[i] == k] for k in range(SAMPLE_STRATA)]
 
 
-def round_robin(groups: list[list[int]], take: int) -> list[int]:
+def round_robin(groups: Sequence[Sequence[T]], take: int) -> list[T]:
     """Up to `take` items, one from each non-empty group in turn (groups keep their order)."""
     queues = [list(g) for g in groups if g]
-    chosen: list[int] = []
+    chosen: list[T] = []
     while queues and len(chosen) < take:
         for queue in queues:
             if queue and len(chosen) < take:

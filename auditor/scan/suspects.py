@@ -130,24 +130,16 @@ def looks_alike(a: tuple[np.ndarray, float], b: tuple[np.ndarray, float]) -> boo
     vb = np.clip(np.nan_to_num(np.asarray(vb, np.float64)), 0.0, 1.0)
     if va.size == vb.size == _CONTEXT * _CONTEXT * 3:
         ga, gb = va.reshape(_CONTEXT, _CONTEXT, 3), vb.reshape(_CONTEXT, _CONTEXT, 3)
-        core = slice(_MARGIN, _MARGIN + _GRID)
-        shifts = range(2 * _MARGIN + 1)
-        return (
-            max(
-                max(
-                    _correlation(ga[core, core], gb[y : y + _GRID, x : x + _GRID])
-                    for y in shifts
-                    for x in shifts
-                ),
-                max(
-                    _correlation(gb[core, core], ga[y : y + _GRID, x : x + _GRID])
-                    for y in shifts
-                    for x in shifts
-                ),
-            )
-            >= LOOK_ALIKE
-        )
+        return max(_aligned(ga, gb), _aligned(gb, ga)) >= LOOK_ALIKE
     return _correlation(va, vb) >= LOOK_ALIKE
+
+
+def _aligned(a: np.ndarray, b: np.ndarray) -> float:
+    """The best correlation of `a`'s central _GRID cells with a _GRID window of `b` (both
+    (_CONTEXT, _CONTEXT, 3)), over every shift the margin allows."""
+    core = a[_MARGIN : _MARGIN + _GRID, _MARGIN : _MARGIN + _GRID]
+    shifts = range(2 * _MARGIN + 1)
+    return max(_correlation(core, b[y : y + _GRID, x : x + _GRID]) for y in shifts for x in shifts)
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:
