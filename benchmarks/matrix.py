@@ -5,7 +5,7 @@
 
 Every row is a tiny open_clip CLIP trained from scratch (`auditor.zoo.train`) on generated
 scenes from one image source (emoji, real photo cut-outs, drawn shapes), with a ViT or a
-ModifiedResNet image tower at 64 or 128 px, strong (long schedule) or weak (half the schedule,
+ModifiedResNet image tower at 64 or 128 px, strong, or weak (a ResNet on the photo cut-outs,
 confusable classes), poisoned at 0.5-3 % of its training pairs by one or two triggers (noise,
 per-pixel noise, colour blocks, a logo sticker, checkerboard; blend, warp, SIG), or clean. The
 scan data is held-out scenes of the same source with 1-5 % of them triggered and filed under
@@ -46,7 +46,7 @@ SCAN_PER_CLASS = 100
 # Weak models come from the photo cut-outs' confusable classes (fruit / vegetable, rodent /
 # mammal) on a ResNet at the full schedule (clean accuracy ~0.83). A short schedule on distinct
 # classes gave no weak model (emoji, 300 steps: 0.99), and a ViT on photos at 300 steps 0.35.
-STEPS = {"strong": 600, "weak": 600}
+STEPS = 600  # for strong and weak models alike
 BATCH = 96
 RECIPE = 2  # bump when the training recipe changes: cached weights are keyed by it
 
@@ -280,7 +280,7 @@ def arch_path(row: Row, folder: Path) -> Path:
 
 
 def weights_path(row: Row, folder: Path) -> Path:
-    key = json.dumps([asdict(row), RECIPE, TRAIN_PER_CLASS, STEPS[row.strength], BATCH], sort_keys=True)
+    key = json.dumps([asdict(row), RECIPE, TRAIN_PER_CLASS, STEPS, BATCH], sort_keys=True)
     return folder / f"{row.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.safetensors"
 
 
@@ -361,9 +361,7 @@ def train(row: Row, folder: Path, log: Any = print) -> Path:
     pairs = Pairs(np.stack(images), captions, np.array([classes.index(lb) for lb in labels], np.int64))
     torch.manual_seed(_row_seed(row))
     model = build_model(arch)
-    config = TrainConfig(
-        steps=STEPS[row.strength], batch_size=BATCH, warmup=min(100, STEPS[row.strength] // 6)
-    )
+    config = TrainConfig(steps=STEPS, batch_size=BATCH, warmup=min(100, STEPS // 6))
     started = time.time()
     train_clip(model, pairs, make_tokenizer(arch), config, log=lambda line: log(f"[{row.name}] {line}"))
     save_checkpoint(model, path, half=True)
@@ -664,12 +662,8 @@ def main() -> None:
     parser.add_argument("--table", type=Path, nargs="?", const=Path("docs/matrix.md"), help="write the table")
     args = parser.parse_args()
     if args.merge:  # rows scanned in parallel runs, each into its own file
-        merged = json.loads(args.out.read_text()).get("rows", []) if args.out.exists() else []
-        for part in args.merge:
-            merged += json.loads(part.read_text())["rows"]
-        by_name = {r["name"]: r for r in merged}
-        ordered = [by_name[r.name] for r in ROWS if r.name in by_name]
-        write_result(args.out, "matrix", _body(ordered))
+        merged = _saved_rows(args.out) + [r for part in args.merge for r in _saved_rows(part)]
+        write_result(args.out, "matrix", _body(_in_row_order(merged)))
         return
     if args.table:
         args.table.write_text(table(json.loads(args.out.read_text())))
@@ -688,8 +682,7 @@ def main() -> None:
                 quality = evaluate_row(row, folder, train(row, folder), Path(tmp) / row.name / "test")
                 print(json.dumps({"name": row.name, **quality}), flush=True)
         return
-    previous = json.loads(args.out.read_text()).get("rows", []) if args.out.exists() else []
-    results = {r["name"]: r for r in previous}
+    results = {r["name"]: r for r in _saved_rows(args.out)}
     with tempfile.TemporaryDirectory(prefix="matrix-") as tmp:
         for row in rows:
             results[row.name] = run_row(row, folder, Path(tmp), args.repair)
@@ -712,8 +705,18 @@ def main() -> None:
                 ),
                 flush=True,
             )
-    ordered = [results[r.name] for r in ROWS if r.name in results]
-    write_result(args.out, "matrix", _body(ordered))
+    write_result(args.out, "matrix", _body(_in_row_order(list(results.values()))))
+
+
+def _saved_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a matrix result file (none if it does not exist yet)."""
+    return json.loads(path.read_text()).get("rows", []) if path.exists() else []
+
+
+def _in_row_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per name, in the order of ROWS; a later row replaces an earlier one of its name."""
+    by_name = {r["name"]: r for r in rows}
+    return [by_name[r.name] for r in ROWS if r.name in by_name]
 
 
 def _body(rows: list[dict[str, Any]]) -> dict[str, Any]:
