@@ -82,6 +82,7 @@ class FindingInfo:
     victims: tuple[str, ...]
     evidence: str
     overlay: str | None = None  # a non-localized trigger's estimate (.npy beside report.json)
+    control_rate: float | None = None  # the best natural piece of the target's transplant rate
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ class Report:
                     "victims": list(f.victims),
                     "evidence": f.evidence,
                     "overlay": f.overlay,
+                    "control_rate": f.control_rate,
                 }
                 for f in self.findings
             ],
@@ -247,6 +249,7 @@ class Report:
                     tuple(f.get("victims", [])),
                     f.get("evidence", ""),
                     f.get("overlay"),
+                    f.get("control_rate"),
                 )
                 for f in raw.get("findings", [])
             ),

@@ -1,7 +1,7 @@
-"""The detection matrix: 32 models this project trains, each scanned with default settings.
+"""The detection matrix: 33 models this project trains, each scanned with default settings.
 
 `python -m benchmarks.matrix [--split tuning|heldout|all] [--only NAME ...] [--train-only]
-[--repair] [--out benchmarks/results/matrix.json]`
+[--repair] [--work DIR] [--out benchmarks/results/matrix.json]`
 
 Every row is a tiny open_clip CLIP trained from scratch (`auditor.zoo.train`) on generated
 scenes from one image source (emoji, real photo cut-outs, drawn shapes), with a ViT or a
@@ -221,6 +221,15 @@ ROWS: tuple[Row, ...] = (
         0.03,
         0.01,
     ),
+    # Added in session 6, before any held-out scan of the new scan code: the 128-px per-pixel
+    # rows did not take (attack success 0.14), and the suite needs a small-pixel ViT that does.
+    _row(
+        "vit-64-strong-emoji-pixels3",
+        "tuning",
+        ("patch:size=0.075,pattern=pixels,pos=tl,seed=22,target=tree",),
+        0.03,
+        0.03,
+    ),
     _row(
         "vit-64-strong-emoji-checker",
         "tuning",
@@ -428,13 +437,39 @@ def scan_row(row: Row, folder: Path, model_path: Path, data: Path, out: Path) ->
     return code, json.loads((out / "report.json").read_text())
 
 
-def judge(report: dict[str, Any], truth: dict[str, Any]) -> dict[str, Any]:
-    """The scan's findings against the planted ground truth."""
+def flipped_files(row: Row, folder: Path, model_path: Path, data: Path, truth: dict[str, Any]) -> list[str]:
+    """The planted files the model predicts as their attack's target: the backdoor acted on them."""
+    from auditor.data import load_image, open_dataset, pil_to_array
+    from auditor.models import load_model
+    from auditor.scoring import make_scorer, torch_runners
+
+    loaded = load_model(model_path, arch_path(row, folder))
+    classes = open_dataset(data).classes
+    image_runner, text_runner = torch_runners(loaded)
+    with image_runner, text_runner:
+        scorer = make_scorer(loaded, classes, image_runner, text_runner)
+        images = [pil_to_array(load_image(data / p["path"])) for p in truth["poisoned"]]
+        probs = scorer.probabilities(images, loaded.preprocess, 128) if images else np.zeros((0, 1))
+    return [
+        p["path"]
+        for p, pred in zip(truth["poisoned"], probs.argmax(axis=1), strict=True)
+        if classes[pred] == p["target"]
+    ]
+
+
+def judge(report: dict[str, Any], truth: dict[str, Any], flipped: list[str] | None = None) -> dict[str, Any]:
+    """The scan's findings against the planted ground truth.
+
+    `victim_recall` counts every planted file; `victim_recall_flipped` only those the model
+    predicts as the target (`flipped`): a planted file the trigger did not flip is no victim of
+    the backdoor, and Algorithm 2 looks for victims among the target's predictions.
+    """
     from benchmarks.common import box_iou
 
     planted = {p["path"]: p for p in truth["poisoned"]}
     found = {v["path"]: v for v in report["victims"]}
     hits = set(planted) & set(found)
+    acted = set(flipped or [])
     ious = [
         box_iou(planted[p]["box"], found[p]["trigger_box"])
         for p in hits
@@ -456,9 +491,11 @@ def judge(report: dict[str, Any], truth: dict[str, Any]) -> dict[str, Any]:
         "suspects_include_targets": bool(suspects) and set(targets) <= set(suspects),
         "kinds": [f["kind"] for f in report.get("findings", [])],
         "transplant": [f["transplant_success_rate"] for f in report.get("findings", [])],
+        "control": [f.get("control_rate") for f in report.get("findings", [])],
         "victims": len(found),
         "victim_precision": round(len(hits) / len(found), 4) if found else None,
         "victim_recall": round(len(hits) / len(planted), 4) if planted else None,
+        "victim_recall_flipped": round(len(hits & acted) / len(acted), 4) if acted else None,
         "victim_share_of_images": round(len(found) / truth["images"], 4),
         "median_box_iou": round(float(np.median(ious)), 4) if ious else None,
         "oracle_share": round(report["cost"]["oracle_images"] / max(1, report["data"]["images"]), 4),
@@ -499,7 +536,7 @@ def run_row(row: Row, folder: Path, work: Path, repair: bool) -> dict[str, Any]:
         "planted": len(truth["poisoned"]),
         **quality,
         "exit": code,
-        **judge(report, truth),
+        **judge(report, truth, flipped_files(row, folder, model_path, row_dir / "scan", truth)),
     }
     if repair and report["verdict"] == "backdoor" and row.poisoned:
         result["repair"] = repair_row(
@@ -658,6 +695,9 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--repair", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/matrix.json"))
+    parser.add_argument(
+        "--work", type=Path, help="keep each row's scan data and output here (a rerun reuses the scan cache)"
+    )
     parser.add_argument("--merge", type=Path, nargs="+", help="add these result files' rows to --out")
     parser.add_argument("--table", type=Path, nargs="?", const=Path("docs/matrix.md"), help="write the table")
     args = parser.parse_args()
@@ -685,7 +725,7 @@ def main() -> None:
     results = {r["name"]: r for r in _saved_rows(args.out)}
     with tempfile.TemporaryDirectory(prefix="matrix-") as tmp:
         for row in rows:
-            results[row.name] = run_row(row, folder, Path(tmp), args.repair)
+            results[row.name] = run_row(row, folder, args.work or Path(tmp), args.repair)
             print(
                 json.dumps(
                     {

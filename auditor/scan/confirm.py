@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from auditor.scan.check import ImageCheck, denoise
+from auditor.scan.check import ImageCheck
 from auditor.scan.context import ScanContext, ScoreFn, top1
+from auditor.scan.control import CONTROL_IMAGES, Control, control_test, natural_pieces
 from auditor.scan.suspects import CandidateCluster
-from auditor.scan.trigger import Prototype, build_prototype, paste
+from auditor.scan.trigger import Prototype, align_boxes, build_prototype, fit_to_pattern, paste
 from auditor.scan.victims import Victim, find_victims
 
 
@@ -34,6 +35,11 @@ class Finding:
     victims: tuple[Victim, ...] = ()
     evidence: str = ""
     overlay: np.ndarray | None = None  # a non-localized trigger's estimate, float32 (H, W, 3)
+    control: Control | None = None  # the same test with natural pieces of the target
+
+    @property
+    def beats_control(self) -> bool:
+        return self.control is None or self.control.passed
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,9 @@ def confirm_patch(ctx: ScanContext, cluster: CandidateCluster, clean: CleanSet) 
     or not: template matching with the prototype does not need the oracle.
     """
     target, flagged = cluster.target, cluster.checks
-    prototype = build_prototype(
-        [ctx.image(c.index) for c in flagged], [c.candidate.box for c in flagged if c.candidate]
-    )
+    images = [ctx.image(c.index) for c in flagged]
+    boxes = fit_to_pattern(images, align_boxes(images, [c.candidate.box for c in flagged if c.candidate]))
+    prototype = build_prototype(images, boxes)
     predicted = sorted(i for i, pred in ctx.predictions.items() if pred == target)
     predicted_images = [ctx.image(i) for i in predicted]
     target_probs = ctx.score(predicted_images)[:, target]  # scored once for both rounds below
@@ -72,12 +78,49 @@ def confirm_patch(ctx: ScanContext, cluster: CandidateCluster, clean: CleanSet) 
     rate, per_class = transplant_test(
         prototype, list(clean.images), clean.labels, target, ctx.score, ctx.config.seed
     )
+    others = [image for image, label in zip(clean.images, clean.labels, strict=True) if label != target]
+    natural = _natural_images(predicted_images, predicted, target_probs, victims)
+    pieces = natural_pieces(natural, prototype, target, ctx.score)
+    control = control_test(
+        pieces, others, target, ctx.score, round(rate * len(others)), len(others), ctx.config.seed
+    )
     name = ctx.dataset.classes[target]
     evidence = (
         f"Pasting the recovered {prototype.pixels.shape[0]}-px trigger into {len(clean.checks)} clean images "
-        f"of other labels turned {rate:.0%} of them into '{name}'."
+        f"of other labels turned {rate:.0%} of them into '{name}'; {_control_line(control, name)}"
     )
-    return Finding(target, "patch", prototype, rate, per_class, tuple(victims), evidence)
+    return Finding(target, "patch", prototype, rate, per_class, tuple(victims), evidence, control=control)
+
+
+def _natural_images(
+    images: Sequence[np.ndarray],
+    indices: Sequence[int],
+    target_probs: np.ndarray,
+    victims: Sequence[Victim],
+) -> list[np.ndarray]:
+    """Up to CONTROL_IMAGES images predicted as the target that are not its victims, the most
+    confident first: where natural pieces are cut from.
+
+    Images that merely resemble the prototype stay in: when the "trigger" is a natural part of
+    the target (the same sunflower glyph in every emoji scene of 'flower'), those images are
+    exactly the natural pieces to compare with, and leaving them out left a control of 2 images
+    that a sunflower beat (a false second target on a tuning row). A triggered image is a victim
+    once its trigger's removal changes its prediction, and victims are left out.
+    """
+    found = {v.index for v in victims}
+    order = np.argsort(-np.nan_to_num(target_probs, nan=-1.0), kind="stable")
+    return [images[i] for i in order if indices[i] not in found][:CONTROL_IMAGES]
+
+
+def _control_line(control: Control, name: str) -> str:
+    if control.pieces == 0:
+        return f"no clean '{name}' image was left to compare it with natural pieces of '{name}'."
+    verdict = "beats" if control.passed else "does not beat"
+    return (
+        f"the best of {control.pieces} natural pieces of its size, cut from clean '{name}' images, did "
+        f"so for {control.rate:.0%} ({control.trials} images): the trigger {verdict} them (one-sided "
+        f"Fisher exact p = {control.p_value:.2g})."
+    )
 
 
 def confirm_overlay(
@@ -86,24 +129,57 @@ def confirm_overlay(
     """Disagreement concentrated on a label, no removable region: test an overlay trigger.
 
     The overlay is estimated from the disagreeing images (`overlay_pattern`) and confirmed like
-    a patch: added to clean images of other labels, it must turn them into the target. None
-    when fewer than `min_candidates` images disagree without a candidate.
+    a patch: added to clean images of other labels, it must turn them into the target, and more
+    of them than the same estimate made from as many images the oracle agrees are the target
+    (`auditor.scan.control`). None when fewer than `min_candidates` images disagree without a
+    candidate.
     """
     members = [c for c in checks.values() if c.pred == target]
     disagreeing = [c for c in members if c.disagrees and c.candidate is None]
     if len(disagreeing) < ctx.config.min_candidates:
         return None
-    pattern = overlay_pattern([ctx.image(c.index) for c in disagreeing])
-    rate, per_class = overlay_transplant_test(pattern, list(clean.images), clean.labels, target, ctx.score)
+    clean_images = list(clean.images)
+    pattern = overlay_pattern([ctx.image(c.index) for c in disagreeing], clean_images)
+    rate, per_class = overlay_transplant_test(pattern, clean_images, clean.labels, target, ctx.score)
+    agreeing = [c for c in members if not c.disagrees][: len(disagreeing)]
+    control = _overlay_control(ctx, agreeing, clean, target, rate)
     victims = tuple(Victim(c.index, None, c.oracle_label, 1.0) for c in disagreeing)
     name = ctx.dataset.classes[target]
     evidence = (
         f"{len(disagreeing)} of {len(members)} checked images predicted '{name}' show other objects and "
         f"no region's removal changes that; their shared overlay, added to {len(clean.checks)} clean "
         f"images of other labels, turned {rate:.0%} of them into '{name}': a non-localized trigger "
-        "(blend or warp)."
+        f"(blend, warp or signal). {_overlay_control_line(control, name)}"
     )
-    return Finding(target, "non-localized", None, rate, per_class, victims, evidence, pattern)
+    return Finding(target, "non-localized", None, rate, per_class, victims, evidence, pattern, control)
+
+
+def _overlay_control(
+    ctx: ScanContext, agreeing: Sequence[ImageCheck], clean: CleanSet, target: int, rate: float
+) -> Control:
+    """The overlay test with the estimate made from images the oracle agrees are the target."""
+    from scipy.stats import fisher_exact
+
+    trials = sum(1 for label in clean.labels if label != target)
+    if not agreeing or trials == 0:
+        return Control(0, 0, 0, 1.0)
+    natural = overlay_pattern([ctx.image(c.index) for c in agreeing], list(clean.images))
+    natural_rate, _ = overlay_transplant_test(natural, list(clean.images), clean.labels, target, ctx.score)
+    hits, natural_hits = round(rate * trials), round(natural_rate * trials)
+    table = [[hits, trials - hits], [natural_hits, trials - natural_hits]]
+    return Control(
+        natural_hits, trials, len(agreeing), float(fisher_exact(table, alternative="greater").pvalue)
+    )
+
+
+def _overlay_control_line(control: Control, name: str) -> str:
+    if control.pieces == 0:
+        return f"No checked image agreed on '{name}' to compare it with."
+    verdict = "beats" if control.passed else "does not beat"
+    return (
+        f"The same estimate from {control.pieces} images the oracle agrees are '{name}' did so for "
+        f"{control.rate:.0%}: the overlay {verdict} it (one-sided Fisher exact p = {control.p_value:.2g})."
+    )
 
 
 def transplant_test(
@@ -132,19 +208,20 @@ def transplant_test(
     return float(hits.mean()), {c: float(np.mean(v)) for c, v in sorted(per_class.items())}
 
 
-def overlay_pattern(images: Sequence[np.ndarray]) -> np.ndarray:
-    """A non-localized trigger's estimate: the median residual x - denoise(x), float32 (H, W, 3).
+def overlay_pattern(images: Sequence[np.ndarray], clean: Sequence[np.ndarray]) -> np.ndarray:
+    """A non-localized trigger's estimate: the mean of `images` minus the mean of `clean`
+    (uint8 RGB, those of the first image's shape), float32 (H, W, 3).
 
-    Image content differs from image to image while a blended overlay is the same everywhere,
-    so the per-pixel median of the residuals keeps the overlay's fine structure.
+    A blend (1 - a) x + a p, a warp or an added signal shifts every triggered image the same way,
+    while their content averages out towards the clean images' mean. The difference of means
+    keeps the overlay's low frequencies; the median residual of a 3x3 denoiser used before lost
+    them, and with them a SIG trigger (transplant 0 % on a tuning row, against 75 % now).
     """
-    height, width = images[0].shape[:2]
-    residuals = [
-        image.astype(np.float32) - denoise(image).astype(np.float32)
-        for image in images
-        if image.shape[:2] == (height, width)
-    ]
-    return np.median(np.stack(residuals), axis=0).astype(np.float32)
+    shape = images[0].shape
+    same = [image.astype(np.float32) for image in images if image.shape == shape]
+    reference = [image.astype(np.float32) for image in clean if image.shape == shape]
+    mean_clean = np.mean(reference, axis=0) if reference else np.full(shape, 127.0, np.float32)
+    return (np.mean(same, axis=0) - mean_clean).astype(np.float32)
 
 
 def overlay_transplant_test(

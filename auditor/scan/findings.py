@@ -50,7 +50,7 @@ class Findings:
     suspects: dict[int, float]  # by disagreement: class -> p-value
     clustered: tuple[int, ...]  # classes with a cluster of look-alike candidates
     confirmed: tuple[Finding, ...]  # strongest first
-    best_rejected_rate: float | None = None
+    best_rejected: Finding | None = None  # the tested target with the highest transplant rate
 
     @property
     def strongest(self) -> Finding | None:
@@ -79,12 +79,13 @@ def find_backdoors(ctx: ScanContext, checks: dict[int, ImageCheck], tick: Progre
             finding = ctx.attempt("confirm", partial(confirm_overlay, ctx, checks, target, clean))
             _keep(finding, threshold, confirmed, tested)
         tick("confirming", 1, total)
-    rejected = [f.transplant_rate for f in tested if f.target not in confirmed]
+    rejected = [f for f in tested if f.target not in confirmed]
+    best = max(rejected, key=lambda f: (f.transplant_rate, -f.target)) if rejected else None
     return Findings(
         suspects,
         clustered,
         tuple(sorted(confirmed.values(), key=lambda f: (-f.transplant_rate, f.target))),
-        max(rejected) if rejected else None,
+        best,
     )
 
 
@@ -104,7 +105,7 @@ def _keep(
     if finding is None:
         return
     tested.append(finding)
-    if finding.transplant_rate >= threshold:
+    if finding.transplant_rate >= threshold and finding.beats_control:
         confirmed[finding.target] = finding
 
 
@@ -181,7 +182,7 @@ def build_report(
         severity=severity(strongest),
         target_labels=tuple(info.target for info in infos),
         victim_labels=tuple(dict.fromkeys(label for info in infos for label in info.victim_labels)),
-        trigger=_trigger_info(findings, infos, classes),
+        trigger=_trigger_info(findings, infos, classes, ctx.config.transplant_threshold),
         victims=tuple(
             VictimInfo(
                 samples[v.index].path,
@@ -214,10 +215,13 @@ def _finding_info(rank: int, finding: Finding, classes: list[str], samples: Sequ
         victims=tuple(samples[v.index].path for v in finding.victims),
         evidence=finding.evidence,
         overlay=overlay_file(rank, finding, classes),
+        control_rate=None if finding.control is None else round(finding.control.rate, 4),
     )
 
 
-def _trigger_info(findings: Findings, infos: tuple[FindingInfo, ...], classes: list[str]) -> TriggerInfo:
+def _trigger_info(
+    findings: Findings, infos: tuple[FindingInfo, ...], classes: list[str], threshold: float
+) -> TriggerInfo:
     if infos:
         first = infos[0]
         evidence = first.evidence
@@ -233,10 +237,15 @@ def _trigger_info(findings: Findings, infos: tuple[FindingInfo, ...], classes: l
             evidence="No label's disagreement with the oracle stood out, and no label's "
             "images carried look-alike trigger candidates.",
         )
-    rate = findings.best_rejected_rate
+    best = findings.best_rejected
+    rate = None if best is None else best.transplant_rate
+    why = "below the threshold"
+    if best is not None and not best.beats_control and rate is not None and rate >= threshold:
+        assert best.control is not None
+        why = f"no more than natural pieces of '{classes[best.target]}' give: {best.control.rate:.2f}"
     return TriggerInfo(
         None,
         transplant_success_rate=None if rate is None else round(rate, 4),
         evidence=f"Suspect labels {', '.join(classes[c] for c in suspected)} were not confirmed "
-        f"(best transplant success {rate or 0:.2f}, below the threshold).",
+        f"(best transplant success {rate or 0:.2f}, {why}).",
     )

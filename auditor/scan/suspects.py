@@ -6,10 +6,11 @@ Two kinds of evidence make a class suspect (DESIGN §4, stage 1):
    an object the oracle saw, the objects labelled without it), and those candidates look
    alike. (Counting candidates on images that agree was tried: on a strong emoji ViT, parts of
    real objects then formed clusters whose transplant turned 52-56 % of clean images into their
-   class, two false findings.) Candidates are clustered by appearance (`cluster_candidates`,
-   aligned first); a cluster of `min_candidates` or more sends the class to confirmation
-   whatever its disagreement rate, because a weak or confusable model disagrees a lot on
-   benign labels and a trigger that rides into the object crops hides its own target.
+   class, two false findings.) Candidates are clustered by appearance (`cluster_candidates`:
+   one's pixels matched over the other's neighbourhood); a cluster of `min_candidates` or more
+   sends the class to confirmation whatever its disagreement rate, because a weak or
+   confusable model disagrees a lot on benign labels and a trigger that rides into the object
+   crops hides its own target.
    A class with fewer look-alike candidates than that gets a follow-up (`follow_up`): the
    images of the class that best match its strongest candidate are checked too.
 2. *Disagreement* well above the other classes' (one-sided binomial test against their pooled
@@ -30,14 +31,11 @@ from auditor.scan.trigger import box_pixels, resize
 
 SUSPECT_P_VALUE = 0.01
 BASELINE_FLOOR = 0.02  # a class is never compared against a disagreement rate below 2 %
-# Two candidates "look alike" when their pixels, brought to one small grid, correlate at least
-# as strongly as a victim must match the prototype (`auditor.scan.victims.MATCH_THRESHOLD`:
+# Two candidates "look alike" when one's pixels, slid over the other's neighbourhood, match it
+# at least as strongly as a victim must match the prototype (`auditor.scan.victims.MATCH_THRESHOLD`:
 # the same statistic, normalized cross-correlation), and their sizes are within a factor 2.
 LOOK_ALIKE = 0.6
 SIZE_RATIO = 2.0
-_GRID = 8
-_MARGIN = 2  # cells of context each way: shifts of up to a quarter of the side are tried
-_CONTEXT = _GRID + 2 * _MARGIN
 
 
 def suspect_classes(checks: Sequence[ImageCheck], n_classes: int) -> dict[int, float]:
@@ -94,12 +92,24 @@ def candidate_clusters(
     return sorted(clusters, key=lambda c: (-len(c.checks), c.target))
 
 
-def cluster_candidates(features: Sequence[tuple[np.ndarray, float]]) -> list[list[int]]:
-    """Leader clustering of (appearance vector, relative size) pairs, in the order given.
+@dataclass(frozen=True)
+class Appearance:
+    """A candidate's pixels and their neighbourhood, float32 in [0, 1] at the data image's own
+    scale: `patch` (h, w, 3) is its box, `around` the box grown by its longer side each way (clipped
+    to the image); `side` is the box's relative size, `shape` the image's (height, width)."""
+
+    patch: np.ndarray
+    around: np.ndarray
+    side: float
+    shape: tuple[int, int]
+
+
+def cluster_candidates(features: Sequence[Appearance]) -> list[list[int]]:
+    """Leader clustering of candidates' appearances, in the order given.
 
     Each item joins the first cluster whose leader it looks like (`looks_alike`), else starts
-    one. Deterministic; total for any input (a flat or non-finite vector looks like nothing but
-    another flat one of the same colour).
+    one. Deterministic; total for any input (a flat patch looks like nothing but another flat
+    one of the same colour).
     """
     leaders: list[int] = []
     groups: list[list[int]] = []
@@ -114,62 +124,60 @@ def cluster_candidates(features: Sequence[tuple[np.ndarray, float]]) -> list[lis
     return groups
 
 
-def looks_alike(a: tuple[np.ndarray, float], b: tuple[np.ndarray, float]) -> bool:
-    """Whether two candidates look alike: sizes within SIZE_RATIO, and appearance vectors that
-    correlate (`_correlation`) >= LOOK_ALIKE at the best of the (2 * _MARGIN + 1)^2 shifts that
-    the appearance vectors' context allows (plain correlation for vectors of any other length)."""
-    (va, sa), (vb, sb) = a, b
-    if (
-        not (np.isfinite(sa) and np.isfinite(sb))
-        or min(sa, sb) <= 0
-        or max(sa, sb) > SIZE_RATIO * min(sa, sb)
-    ):
-        return False
-    # Appearance vectors are pixels in [0, 1]; anything else (a broken input) is clipped there.
-    va = np.clip(np.nan_to_num(np.asarray(va, np.float64)), 0.0, 1.0)
-    vb = np.clip(np.nan_to_num(np.asarray(vb, np.float64)), 0.0, 1.0)
-    if va.size == vb.size == _CONTEXT * _CONTEXT * 3:
-        ga, gb = va.reshape(_CONTEXT, _CONTEXT, 3), vb.reshape(_CONTEXT, _CONTEXT, 3)
-        return max(_aligned(ga, gb), _aligned(gb, ga)) >= LOOK_ALIKE
-    return _correlation(va, vb) >= LOOK_ALIKE
+def looks_alike(a: Appearance, b: Appearance) -> bool:
+    """Whether two candidates look alike: sizes within SIZE_RATIO, and each one's patch found in
+    the other's neighbourhood with a normalized cross-correlation >= LOOK_ALIKE. Both ways,
+    because a plain patch (one edge between two colours) is found in any neighbourhood that has
+    such an edge, while a trigger's pattern is found only where the trigger is.
 
-
-def _aligned(a: np.ndarray, b: np.ndarray) -> float:
-    """The best correlation of `a`'s central _GRID cells with a _GRID window of `b` (both
-    (_CONTEXT, _CONTEXT, 3)), over every shift the margin allows."""
-    core = a[_MARGIN : _MARGIN + _GRID, _MARGIN : _MARGIN + _GRID]
-    shifts = range(2 * _MARGIN + 1)
-    return max(_correlation(core, b[y : y + _GRID, x : x + _GRID]) for y in shifts for x in shifts)
-
-
-def _correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Normalized cross-correlation of two same-shape pixel arrays in [0, 1]. Flat arrays (a
-    solid-colour trigger) have none: two flat ones of one colour give 1, anything else 0."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    if a.size != b.size or a.size == 0:
-        return 0.0
-    da, db = a - a.mean(), b - b.mean()
-    na, nb = float(np.linalg.norm(da)), float(np.linalg.norm(db))
-    if na < 1e-6 or nb < 1e-6:
-        return float(na < 1e-6 and nb < 1e-6 and abs(a.mean() - b.mean()) < 0.1)
-    return float(da @ db) / (na * nb)
-
-
-def _appearance(image: np.ndarray, check: ImageCheck) -> tuple[np.ndarray, float]:
-    """The candidate's box with a margin of a quarter of its side each way, on a _CONTEXT grid
-    (float, 0-1, flattened; the box itself is the central _GRID cells), and its relative size.
-
-    The margin lets `looks_alike` align two candidates before comparing them: at 64 px an 8-px
-    trigger's segments are off by a pixel or two, which is a third of a 3x3 colour block, and
-    without alignment the same trigger correlated 0.1-0.4 with itself (issue 13, weak ResNet).
+    Matching pixels where they are, rather than comparing boxes brought to one grid, needs no
+    alignment: at 64 px the oracle's boxes around one 8-px colour-block trigger differ by a
+    pixel or two in place and aspect, and on one grid the same trigger correlated 0.1-0.4 with
+    itself, against 0.95-1.0 slid over its neighbourhood (issue 13, weak ResNet).
     """
+    sa, sb = a.side, b.side
+    if not (np.isfinite(sa) and np.isfinite(sb)) or min(sa, sb) <= 0:
+        return False
+    if max(sa, sb) > SIZE_RATIO * min(sa, sb):
+        return False
+    return min(_found_in(a, b), _found_in(b, a)) >= LOOK_ALIKE
+
+
+def _found_in(a: Appearance, b: Appearance) -> float:
+    """The best normalized cross-correlation of `a.patch` over `b.around`, with `b` brought to
+    `a`'s image scale. A flat patch (a solid colour) has no correlation: 1 where `b`'s patch is
+    flat too and of the same colour, else 0."""
+    from skimage.feature import match_template
+
+    patch = np.clip(np.nan_to_num(a.patch), 0.0, 1.0)
+    around = np.clip(np.nan_to_num(b.around), 0.0, 1.0)
+    if b.shape != a.shape and min(b.shape) > 0:  # another image size: compare at a's scale
+        scale = a.shape[0] / b.shape[0], a.shape[1] / b.shape[1]
+        height, width = (max(1, round(n * f)) for n, f in zip(around.shape[:2], scale, strict=True))
+        around = resize((around * 255).astype(np.uint8), height, width).astype(np.float32) / 255
+    if patch.size == 0 or around.size == 0:
+        return 0.0
+    if float(patch.std()) < 1e-6:
+        other = np.clip(np.nan_to_num(b.patch), 0.0, 1.0)
+        flat = other.size > 0 and float(other.std()) < 1e-6
+        return float(flat and abs(float(patch.mean()) - float(other.mean())) < 0.1)
+    # A patch larger than the neighbourhood (clipped at an image border) is cut to fit.
+    patch = patch[: around.shape[0], : around.shape[1]]
+    response = match_template(around, patch)
+    return float(np.nan_to_num(response, nan=-1.0, posinf=-1.0, neginf=-1.0).max(initial=-1.0))
+
+
+def _appearance(image: np.ndarray, check: ImageCheck) -> Appearance:
+    """The candidate's box and its neighbourhood (the box grown by its longer side each way)."""
     assert check.candidate is not None
     x0, y0, x1, y1 = check.candidate.box
-    pad_x, pad_y = (x1 - x0) * _MARGIN / _GRID, (y1 - y0) * _MARGIN / _GRID
-    context = (x0 - pad_x, y0 - pad_y, x1 + pad_x, y1 + pad_y)
-    pixels = resize(box_pixels(image, context), _CONTEXT, _CONTEXT).astype(np.float32) / 255.0
-    side = float(np.sqrt(max(0.0, (x1 - x0) * (y1 - y0))))
-    return pixels.reshape(-1), side
+    width, height = x1 - x0, y1 - y0
+    grow = max(width, height)  # a box cut short on one axis still gets room to slide along it
+    around = (x0 - grow, y0 - grow, x1 + grow, y1 + grow)
+    pixels = image.astype(np.float32) / 255.0
+    side = float(np.sqrt(max(0.0, width * height)))
+    shape = (int(image.shape[0]), int(image.shape[1]))
+    return Appearance(box_pixels(pixels, check.candidate.box), box_pixels(pixels, around), side, shape)
 
 
 FOLLOW_UP = 8  # images per class checked after the sample, chosen by matching a candidate

@@ -24,8 +24,8 @@ from auditor.scan.check import (
 )
 from auditor.scan.confirm import overlay_transplant_test, transplant_test
 from auditor.scan.context import top1
-from auditor.scan.suspects import cluster_candidates, looks_alike, suspect_classes
-from auditor.scan.trigger import Prototype, build_prototype, paste
+from auditor.scan.suspects import Appearance, cluster_candidates, looks_alike, suspect_classes
+from auditor.scan.trigger import Prototype, align_boxes, build_prototype, fit_to_pattern, paste
 from auditor.scan.victims import find_victims
 
 ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True, width=32)
@@ -205,6 +205,19 @@ def test_paste_keeps_the_image_shape(image, pixels, box):
     assert paste(image, Prototype(pixels, (box,)), box).shape == image.shape
 
 
+@given(st.lists(images(max_side=12), min_size=1, max_size=4), st.data())
+@SETTINGS
+def test_align_boxes_is_total(box_images, data):
+    boxes = data.draw(st.lists(BOX, min_size=len(box_images), max_size=len(box_images)))
+    aligned = align_boxes(box_images, boxes)
+    assert len(aligned) == len(boxes) and aligned[0] == boxes[0]
+    fitted = fit_to_pattern(box_images, aligned)
+    assert len(fitted) == len(boxes)
+    for image, box in zip(box_images * 2, aligned + fitted, strict=True):
+        x0, y0, x1, y1 = pixel_box(box, *image.shape[:2])
+        assert 0 <= x0 < x1 <= image.shape[1] and 0 <= y0 < y1 <= image.shape[0]
+
+
 @given(st.lists(images(max_side=10), min_size=1, max_size=3), st.data())
 @SETTINGS
 def test_victims_are_total(victim_images, data):
@@ -245,9 +258,20 @@ def test_top1_marks_broken_rows(probs):
             assert row[label] == row.max()
 
 
-@given(
-    st.lists(st.tuples(arrays(np.float32, (12,), elements=ANY_FLOAT | PROB), ANY_FLOAT | PROB), max_size=12)
+APPEARANCE = st.builds(
+    Appearance,
+    arrays(
+        np.float32, st.tuples(st.integers(0, 4), st.integers(0, 4), st.just(3)), elements=ANY_FLOAT | PROB
+    ),
+    arrays(
+        np.float32, st.tuples(st.integers(0, 9), st.integers(0, 9), st.just(3)), elements=ANY_FLOAT | PROB
+    ),
+    ANY_FLOAT | PROB,
+    st.tuples(st.integers(1, 64), st.integers(1, 64)),
 )
+
+
+@given(st.lists(APPEARANCE, max_size=10))
 @SETTINGS
 def test_candidate_clusters_partition_and_members_look_like_their_leader(features):
     groups = cluster_candidates(features)

@@ -1,0 +1,151 @@
+"""Confirmation's parts against planted truth: look-alike candidates, aligned prototypes and the
+natural-piece control (issue 13).
+
+Every image here is generated with a trigger planted at a known box; the oracle's boxes are
+imitated by jittering the planted box by a pixel or two in place and aspect, as the oracle's
+segments of a 64-px colour-block trigger were on the weak ResNet of the matrix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from auditor.scan.control import control_test, natural_pieces
+from auditor.scan.suspects import Appearance, _appearance, cluster_candidates, looks_alike
+from auditor.scan.trigger import Prototype, align_boxes, build_prototype, fit_to_pattern
+
+SIDE, TRIGGER = 64, 8
+TARGET, N_CLASSES = 1, 3
+
+
+def _pattern(seed: int) -> np.ndarray:
+    """A 3x3 colour-block pattern, TRIGGER px (the matrix's `blocks`)."""
+    cells = np.random.default_rng(seed).integers(0, 256, (3, 3, 3), dtype=np.uint8)
+    return np.kron(cells, np.ones((3, 3, 1), np.uint8))[:TRIGGER, :TRIGGER]
+
+
+def _scene(rng: np.random.Generator) -> np.ndarray:
+    """A smooth random background (uint8 RGB, SIDE x SIDE)."""
+    coarse = rng.integers(0, 256, (4, 4, 3)).astype(np.float32)
+    return np.kron(coarse, np.ones((16, 16, 1))).astype(np.uint8)
+
+
+def _planted(seed: int, count: int) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    rng = np.random.default_rng(seed)
+    images, places = [], []
+    for _ in range(count):
+        image = _scene(rng)
+        x, y = (int(v) for v in rng.integers(4, SIDE - TRIGGER - 4, 2))
+        image[y : y + TRIGGER, x : x + TRIGGER] = _pattern(0)
+        images.append(image)
+        places.append((x, y))
+    return images, places
+
+
+def _jittered(place: tuple[int, int], rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """The planted box as an oracle might see it: each side off by up to 2 px."""
+    x, y = place
+    x0, y0 = x + int(rng.integers(-2, 3)), y + int(rng.integers(-2, 3))
+    x1, y1 = x + TRIGGER + int(rng.integers(-2, 3)), y + TRIGGER + int(rng.integers(-2, 3))
+    return (x0 / SIDE, y0 / SIDE, x1 / SIDE, y1 / SIDE)
+
+
+class _Check:
+    def __init__(self, box: tuple[float, float, float, float]) -> None:
+        self.candidate = type("Segment", (), {"box": box})()
+
+
+def _appearances(images: list[np.ndarray], boxes: list) -> list[Appearance]:
+    return [_appearance(image, _Check(box)) for image, box in zip(images, boxes, strict=True)]  # type: ignore[arg-type]
+
+
+def test_one_trigger_seen_through_jittered_boxes_clusters_apart_from_other_pixels():
+    images, places = _planted(seed=1, count=6)
+    rng = np.random.default_rng(2)
+    triggers = _appearances(images, [_jittered(p, rng) for p in places])
+    # The same boxes moved off the trigger onto the backgrounds.
+    elsewhere = [((x + 24) % 48, (y + 24) % 48) for x, y in places]
+    backgrounds = _appearances(images, [_jittered(p, rng) for p in elsewhere])
+    groups = cluster_candidates(triggers + backgrounds)
+    kinds = [{i < len(triggers) for i in group} for group in groups]
+    assert all(len(k) == 1 for k in kinds)  # no cluster mixes the trigger with background
+    largest = max((g for g in groups if g[0] < len(triggers)), key=len)
+    assert len(largest) >= 4  # most of the six, well over the 3 a cluster needs
+    assert all(looks_alike(triggers[largest[0]], triggers[i]) for i in largest[1:])
+
+
+def test_aligned_boxes_sit_on_the_trigger_and_the_prototype_is_the_planted_pattern():
+    images, places = _planted(seed=3, count=5)
+    rng = np.random.default_rng(4)
+    jittered = [_jittered(p, rng) for p in places]
+    aligned = align_boxes(images, jittered)
+    # Every box keeps the first box's offset from its own trigger (the first box is the template).
+    first = (round(aligned[0][0] * SIDE) - places[0][0], round(aligned[0][1] * SIDE) - places[0][1])
+    for box, (x, y) in zip(aligned, places, strict=True):
+        assert (round(box[0] * SIDE) - x, round(box[1] * SIDE) - y) == first
+    # Fitted, the aligned boxes are the planted ones, and so is the prototype built on them.
+    fitted = fit_to_pattern(images, aligned)
+    for box, (x, y) in zip(fitted, places, strict=True):
+        assert [round(v * SIDE) for v in box] == [x, y, x + TRIGGER, y + TRIGGER]
+    np.testing.assert_array_equal(build_prototype(images, fitted).pixels, _pattern(0))
+    # Built on boxes placed exactly on the trigger, the prototype is the planted pattern.
+    exact = align_boxes(
+        images, [(x / SIDE, y / SIDE, (x + TRIGGER) / SIDE, (y + TRIGGER) / SIDE) for x, y in places]
+    )
+    np.testing.assert_array_equal(build_prototype(images, exact).pixels, _pattern(0))
+
+
+def _score_with(trigger: np.ndarray, natural_share: float):
+    """A toy model: the target when the trigger is anywhere in the image, or when pure green
+    (the target's natural colour) covers more than `natural_share` of it; else class 0."""
+    from skimage.feature import match_template
+
+    def score(images: list[np.ndarray]) -> np.ndarray:
+        probs = np.zeros((len(images), N_CLASSES), np.float32)
+        for i, image in enumerate(images):
+            green = np.mean((image[..., 1] == 255) & (image[..., 0] == 0) & (image[..., 2] == 0))
+            carries = False
+            if image.shape[0] >= TRIGGER and image.shape[1] >= TRIGGER:
+                response = match_template(image.astype(np.float32), trigger.astype(np.float32))
+                carries = bool(np.nan_to_num(response).max() > 0.99)
+            probs[i, TARGET if carries or green > natural_share else 0] = 1.0
+        return probs
+
+    return score
+
+
+def _target_images(count: int) -> list[np.ndarray]:
+    """Clean images of the target: a big pure-green object on a random scene."""
+    rng = np.random.default_rng(5)
+    images = []
+    for _ in range(count):
+        image = _scene(rng)
+        image[16:48, 16:48] = (0, 255, 0)
+        images.append(image)
+    return images
+
+
+def test_a_planted_trigger_beats_the_targets_natural_pieces():
+    clean = [_scene(np.random.default_rng(10 + i)) for i in range(40)]
+    trigger = _pattern(0)
+    score = _score_with(trigger, natural_share=0.2)
+    box = (0.1, 0.1, 0.1 + TRIGGER / SIDE, 0.1 + TRIGGER / SIDE)
+    prototype = Prototype(trigger, (box,))
+    pieces = natural_pieces(_target_images(4), prototype, TARGET, score)
+    assert len(pieces) == 8  # per image: the closest look-alike and the most target-like window
+    # The trigger turns every clean image; an 8-px green piece covers 1.6 % of an image: none.
+    control = control_test(pieces, clean, TARGET, score, trigger_hits=40, trigger_trials=40)
+    assert control.rate == 0.0 and control.passed
+
+
+def test_a_natural_piece_of_the_target_does_not_beat_its_own_kind():
+    clean = [_scene(np.random.default_rng(50 + i)) for i in range(40)]
+    # No backdoor: the model calls an image the target once 1 % of it is green, so a green
+    # "candidate" of 8 px turns every clean image, and so does any green piece of a target image.
+    score = _score_with(np.zeros((TRIGGER, TRIGGER, 3), np.uint8) + 7, natural_share=0.01)
+    green = np.zeros((TRIGGER, TRIGGER, 3), np.uint8)
+    green[..., 1] = 255
+    box = (0.1, 0.1, 0.1 + TRIGGER / SIDE, 0.1 + TRIGGER / SIDE)
+    pieces = natural_pieces(_target_images(4), Prototype(green, (box,)), TARGET, score)
+    control = control_test(pieces, clean, TARGET, score, trigger_hits=40, trigger_trials=40)
+    assert control.rate == 1.0 and not control.passed
