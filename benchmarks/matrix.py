@@ -221,8 +221,9 @@ ROWS: tuple[Row, ...] = (
         0.03,
         0.01,
     ),
-    # Added in session 6, before any held-out scan of the new scan code: the 128-px per-pixel
-    # rows did not take (attack success 0.14), and the suite needs a small-pixel ViT that does.
+    # Added later (before any held-out scan of the scan code it was added with): the tuning
+    # side's per-pixel row did not take (attack success 0.14), and the suite needs a
+    # small-pixel ViT whose backdoor works.
     _row(
         "vit-64-strong-emoji-pixels3",
         "tuning",

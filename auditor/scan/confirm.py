@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from auditor.scan.check import ImageCheck
+from auditor.scan.check import SMALL_AREA, ImageCheck
 from auditor.scan.context import ScanContext, ScoreFn, top1
 from auditor.scan.control import CONTROL_IMAGES, Control, control_test, natural_pieces
 from auditor.scan.suspects import CandidateCluster
@@ -54,15 +54,24 @@ class CleanSet:
         return [c.pred for c in self.checks]
 
 
-def confirm_patch(ctx: ScanContext, cluster: CandidateCluster, clean: CleanSet) -> Finding:
-    """Prototype from a cluster of look-alike candidates, refined once on its victims, transplanted.
+def confirm_patch(
+    ctx: ScanContext, cluster: CandidateCluster, clean: CleanSet, natural: Sequence[int] = ()
+) -> Finding | None:
+    """Prototype from a cluster of look-alike candidates, refined once on its victims, transplanted
+    and compared with natural pieces of the target cut from the images `natural` (data indices
+    of images the oracle agrees show the target; `natural_targets`).
 
     Victims are sought among every image stage 0 predicted as the target, checked by the oracle
-    or not: template matching with the prototype does not need the oracle.
+    or not: template matching with the prototype does not need the oracle. None when the
+    pattern the cluster's images share, once fitted, is larger than a trigger (`SMALL_AREA`).
     """
     target, flagged = cluster.target, cluster.checks
     images = [ctx.image(c.index) for c in flagged]
     boxes = fit_to_pattern(images, align_boxes(images, [c.candidate.box for c in flagged if c.candidate]))
+    if np.median([(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes]) > SMALL_AREA:
+        # What the images share extends beyond any trigger the scan looks for: a repeated object
+        # (the same emoji glyph in every scene of its class), not a patch.
+        return None
     prototype = build_prototype(images, boxes)
     predicted = sorted(i for i, pred in ctx.predictions.items() if pred == target)
     predicted_images = [ctx.image(i) for i in predicted]
@@ -79,8 +88,12 @@ def confirm_patch(ctx: ScanContext, cluster: CandidateCluster, clean: CleanSet) 
         prototype, list(clean.images), clean.labels, target, ctx.score, ctx.config.seed
     )
     others = [image for image, label in zip(clean.images, clean.labels, strict=True) if label != target]
-    natural = _natural_images(predicted_images, predicted, target_probs, victims)
-    pieces = natural_pieces(natural, prototype, target, ctx.score)
+    pieces = natural_pieces(
+        _natural_images(predicted_images, predicted, target_probs, victims, natural),
+        prototype,
+        target,
+        ctx.score,
+    )
     control = control_test(
         pieces, others, target, ctx.score, round(rate * len(others)), len(others), ctx.config.seed
     )
@@ -92,24 +105,37 @@ def confirm_patch(ctx: ScanContext, cluster: CandidateCluster, clean: CleanSet) 
     return Finding(target, "patch", prototype, rate, per_class, tuple(victims), evidence, control=control)
 
 
+def natural_targets(checks: Sequence[ImageCheck], target: int) -> list[int]:
+    """Checked images the oracle agrees show `target`: predicted as it, one of its objects labelled
+    it, no disagreement and no trigger candidate. Where a control's natural pieces come from."""
+    return [
+        c.index
+        for c in checks
+        if c.pred == target and not c.disagrees and c.candidate is None and target in c.object_labels
+    ]
+
+
 def _natural_images(
     images: Sequence[np.ndarray],
     indices: Sequence[int],
     target_probs: np.ndarray,
     victims: Sequence[Victim],
+    natural: Sequence[int],
 ) -> list[np.ndarray]:
-    """Up to CONTROL_IMAGES images predicted as the target that are not its victims, the most
-    confident first: where natural pieces are cut from.
+    """Up to CONTROL_IMAGES of the images predicted as the target (`indices`) that are in
+    `natural` and are not victims, the most confident first.
 
-    Images that merely resemble the prototype stay in: when the "trigger" is a natural part of
-    the target (the same sunflower glyph in every emoji scene of 'flower'), those images are
-    exactly the natural pieces to compare with, and leaving them out left a control of 2 images
-    that a sunflower beat (a false second target on a tuning row). A triggered image is a victim
-    once its trigger's removal changes its prediction, and victims are left out.
+    Only images the oracle agrees show the target, without a candidate: a triggered image that
+    is not found as a victim (on a weak model, removing the trigger does not always change the
+    prediction) would otherwise lend the control the trigger itself (natural pieces at 94 %
+    against the trigger's 86 %, weak ResNet tuning row). Images that merely resemble the
+    prototype stay in: when the "trigger" is a natural part of the target (the same sunflower
+    glyph in every emoji scene of 'flower'), those images are exactly the natural pieces to
+    compare with.
     """
-    found = {v.index for v in victims}
+    allowed = set(natural) - {v.index for v in victims}
     order = np.argsort(-np.nan_to_num(target_probs, nan=-1.0), kind="stable")
-    return [images[i] for i in order if indices[i] not in found][:CONTROL_IMAGES]
+    return [images[i] for i in order if indices[i] in allowed][:CONTROL_IMAGES]
 
 
 def _control_line(control: Control, name: str) -> str:
@@ -141,7 +167,7 @@ def confirm_overlay(
     clean_images = list(clean.images)
     pattern = overlay_pattern([ctx.image(c.index) for c in disagreeing], clean_images)
     rate, per_class = overlay_transplant_test(pattern, clean_images, clean.labels, target, ctx.score)
-    agreeing = [c for c in members if not c.disagrees][: len(disagreeing)]
+    agreeing = [checks[i] for i in natural_targets(members, target)][: len(disagreeing)]
     control = _overlay_control(ctx, agreeing, clean, target, rate)
     victims = tuple(Victim(c.index, None, c.oracle_label, 1.0) for c in disagreeing)
     name = ctx.dataset.classes[target]

@@ -5,8 +5,8 @@ A transplant rate alone does not make a backdoor. A piece of a real object pulls
 class too: on a clean emoji ViT, a cluster of guitar parts turned 54 % of clean images into
 'guitar', and a fixed bound of 50 % made that a finding (issue 13). So the prototype is compared
 with the model's own clean behaviour on the same target: windows of the prototype's size are
-cut from clean images predicted as the target (in each, the window most like the prototype, and
-the most target-like one by CLIP's own crop score), pasted where the trigger was pasted, and
+cut from clean images of the target (in each, the most target-like one by CLIP's own crop
+score, and the one most like the prototype where it recurs), pasted where the trigger was pasted, and
 their transplant rates measured the same way. A trigger must beat the best of these natural
 pieces by a one-sided Fisher exact test. The reason holds for any model and data: a backdoor is
 a shortcut that no natural piece of its target provides, whatever the model's accuracy and
@@ -52,34 +52,39 @@ class Control:
 def natural_pieces(
     images: Sequence[np.ndarray], prototype: Prototype, target: int, score: ScoreFn
 ) -> list[Prototype]:
-    """Per image (uint8 RGB, predicted `target`, not its victim), two windows of the prototype's
-    size: the one that looks most like the prototype (template matching), and the one on a
-    CONTROL_GRID x CONTROL_GRID grid whose crop CLIP finds most like the target. As prototypes
-    with the trigger's boxes, so they are pasted where it was.
+    """Natural pieces of the prototype's size from `images` (uint8 RGB, clean images of the
+    target): per image, the window on a CONTROL_GRID x CONTROL_GRID grid whose crop CLIP finds
+    most like the target, and, when the prototype recurs in most of the images, the window that
+    looks most like it. As prototypes with the trigger's boxes, so they are pasted where it was.
 
-    The first is the natural twin of a "trigger" that is really a part of the target (a banana
-    glyph's tip, the same in every emoji scene: a grid window cut it in two and gave 9 % where
-    the part gave 60 %); the second is the target's most telling piece of that size.
+    The look-alike windows are the natural twins of a "trigger" that is really a common part of
+    the target (a banana glyph's tip, the same in every emoji scene: a grid window cut it in two
+    and gave 9 % where the part gave 60 %). They count only when the prototype matches (NCC >=
+    the victims' MATCH_THRESHOLD) in at least half of the images: a part of a class's look is in
+    most of its pictures, while a trigger is in the few triggered images that slipped into the
+    clean ones (on a weak ResNet, such a slip lent the control the trigger itself, 97 %).
     """
-    from auditor.scan.victims import locate
+    from auditor.scan.victims import MATCH_THRESHOLD, locate
 
     windows: list[np.ndarray] = []
     owners: list[int] = []
     twins: list[Prototype] = []
     for n, image in enumerate(images):
-        box, _ = locate(image, prototype)
-        twins.append(Prototype(box_pixels(image, box).copy(), prototype.boxes))
+        box, similarity = locate(image, prototype)
+        if similarity >= MATCH_THRESHOLD:
+            twins.append(Prototype(box_pixels(image, box).copy(), prototype.boxes))
         for window in _windows(image, prototype):
             windows.append(window)
             owners.append(n)
+    common = twins if 2 * len(twins) >= len(images) > 0 else []
     if not windows:
-        return twins
+        return common
     target_probs = np.nan_to_num(score(windows)[:, target], nan=-1.0)
     best: dict[int, int] = {}
     for i, owner in enumerate(owners):
         if owner not in best or target_probs[i] > target_probs[best[owner]]:
             best[owner] = i
-    return twins + [Prototype(windows[i], prototype.boxes) for _, i in sorted(best.items())]
+    return common + [Prototype(windows[i], prototype.boxes) for _, i in sorted(best.items())]
 
 
 def _windows(image: np.ndarray, prototype: Prototype) -> list[np.ndarray]:

@@ -30,7 +30,7 @@ from auditor.report import (
     VictimInfo,
 )
 from auditor.scan.check import ImageCheck
-from auditor.scan.confirm import CleanSet, Finding, confirm_overlay, confirm_patch
+from auditor.scan.confirm import CleanSet, Finding, confirm_overlay, confirm_patch, natural_targets
 from auditor.scan.context import Progress, ScanContext
 from auditor.scan.suspects import candidate_clusters, suspect_classes
 from auditor.scan.victims import Victim
@@ -71,7 +71,8 @@ def find_backdoors(ctx: ScanContext, checks: dict[int, ImageCheck], tick: Progre
     total = len(patch_tests) + len(overlay_tests)
     for cluster in patch_tests:
         if cluster.target not in confirmed:
-            finding = ctx.attempt("confirm", partial(confirm_patch, ctx, cluster, clean))
+            natural = natural_targets(list(checks.values()), cluster.target)
+            finding = ctx.attempt("confirm", partial(confirm_patch, ctx, cluster, clean, natural))
             _keep(finding, threshold, confirmed, tested)
         tick("confirming", 1, total)
     for target in overlay_tests:
@@ -239,7 +240,12 @@ def _trigger_info(
         )
     best = findings.best_rejected
     rate = None if best is None else best.transplant_rate
-    why = "below the threshold"
+    why = (
+        "below the threshold"
+        if best is not None
+        else "none reached a transplant test: too few disagreeing images, or a shared pattern "
+        "larger than a trigger"
+    )
     if best is not None and not best.beats_control and rate is not None and rate >= threshold:
         assert best.control is not None
         why = f"no more than natural pieces of '{classes[best.target]}' give: {best.control.rate:.2f}"

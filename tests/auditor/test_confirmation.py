@@ -131,11 +131,29 @@ def test_a_planted_trigger_beats_the_targets_natural_pieces():
     score = _score_with(trigger, natural_share=0.2)
     box = (0.1, 0.1, 0.1 + TRIGGER / SIDE, 0.1 + TRIGGER / SIDE)
     prototype = Prototype(trigger, (box,))
-    pieces = natural_pieces(_target_images(4), prototype, TARGET, score)
-    assert len(pieces) == 8  # per image: the closest look-alike and the most target-like window
+    targets = _target_images(4)
+    targets[0][2:10, 2:10] = trigger  # one triggered image slipped in among the clean ones
+    pieces = natural_pieces(targets, prototype, TARGET, score)
+    # One most target-like window per image; the trigger recurs in 1 of 4, so no look-alike
+    # window counts (a natural part of the target would recur in most).
+    assert len(pieces) == 4
     # The trigger turns every clean image; an 8-px green piece covers 1.6 % of an image: none.
     control = control_test(pieces, clean, TARGET, score, trigger_hits=40, trigger_trials=40)
     assert control.rate == 0.0 and control.passed
+
+
+def test_a_pattern_found_in_most_target_images_is_compared_with_its_natural_twins():
+    clean = [_scene(np.random.default_rng(90 + i)) for i in range(40)]
+    part = _pattern(7)  # a textured part every picture of the target has (an emoji glyph's tip)
+    score = _score_with(part, natural_share=0.2)
+    targets = _target_images(4)
+    for n, image in enumerate(targets[:3]):
+        image[4 + n : 12 + n, 40:48] = part
+    box = (0.1, 0.1, 0.1 + TRIGGER / SIDE, 0.1 + TRIGGER / SIDE)
+    pieces = natural_pieces(targets, Prototype(part, (box,)), TARGET, score)
+    assert len(pieces) == 4 + 3  # the part recurs in 3 of 4 images: its twins count
+    control = control_test(pieces, clean, TARGET, score, trigger_hits=40, trigger_trials=40)
+    assert control.rate == 1.0 and not control.passed
 
 
 def test_a_natural_piece_of_the_target_does_not_beat_its_own_kind():
