@@ -18,7 +18,7 @@ from auditor.cli.options import (
     out_option,
     seed_option,
 )
-from auditor.repair import TOWERS, RepairResult
+from auditor.repair import TOWERS, RepairConfig, RepairResult
 
 new_path = click.Path(path_type=Path)
 
@@ -54,13 +54,16 @@ new_path = click.Path(path_type=Path)
     default=None,
     help="Budget in passes over the compact set instead of --steps.",
 )
-@click.option("--lr", type=click.FloatRange(1e-8, 1.0), default=2e-4, help="AdamW peak learning rate.")
+@click.option(
+    "--lr", type=click.FloatRange(1e-8, 1.0), default=RepairConfig.lr, help="AdamW peak learning rate."
+)
 @click.option("--towers", type=click.Choice(TOWERS), default="image", help="Which towers train.")
 @click.option(
     "--image-blocks",
     type=click.IntRange(0, 1000),
     default=2,
-    help="Of a ViT image tower, train only the patch embedding and the first N blocks (0: all).",
+    help="Of the image tower, train only the stem / patch embedding and the first N blocks "
+    "(ViT) or residual stages (ResNet) (0: all).",
 )
 @click.option(
     "--in-modal", type=click.FloatRange(0, 100), default=0.0, help="Weight of CleanCLIP's in-modal term."
@@ -94,7 +97,7 @@ def repair_command(
     from auditor.errors import InputError
     from auditor.files import atomic_write
     from auditor.models import load_model, save_checkpoint, save_open_clip_folder
-    from auditor.repair import RepairConfig, load_scan_outputs, repair
+    from auditor.repair import load_scan_outputs, repair
 
     _check_output(model, output, force)
     attack = parse_attack(attack_spec) if attack_spec else None
