@@ -9,8 +9,9 @@ While it trains, the recovered trigger is pasted into clean pairs at the places 
 Every `eval_every` steps a held-out set measures clean accuracy and the transplant success of
 each recovered trigger (share of held-out images of other labels that it turns into its target;
 with several targets, the trigger that survives best counts).
-The loop stops as soon as transplant success is at most `stop_transplant` and clean accuracy is
-within `max_accuracy_drop` of where it started; otherwise at the step budget, restoring the best
+The loop stops as soon as the triggers add at most `stop_transplant` to how often the model
+predicts their targets anyway (`Measurement.trigger_excess`) and clean accuracy is within
+`max_accuracy_drop` of where it started; otherwise at the step budget, restoring the best
 state seen. Held-out images are data files that are neither in the compact set nor victims.
 """
 
@@ -52,7 +53,7 @@ class RepairConfig:
     # 5e-5: at 2e-4 a weak ResNet of the matrix lost 13 points of clean accuracy in 10 steps
     # (batch-norm statistics, since frozen, did most of it) and never got within 4 points again;
     # at 5e-5 it ended 2 points down with the trigger gone, and a ViT lost 0.6 points.
-    lr: float = 5e-5
+    lr: float = 1e-4
     weight_decay: float = 0.1
     warmup: int = 10
     towers: str = "image"  # which towers train: "image", "text" or "both"
@@ -112,9 +113,12 @@ class Measurement:
     """Rates in [0, 1] on the held-out images; None where there is nothing to measure."""
 
     clean_accuracy: float
-    transplant_success: float | None  # the recovered trigger pasted in
+    transplant_success: float | None  # the recovered trigger pasted in (the worst target)
     attack_success: float | None = None  # a known trigger (--attack)
     per_class_accuracy: tuple[float, ...] = ()  # by class index; NaN for a class not held out
+    # What the triggers add to the model's own confusion: per target, its transplant success
+    # minus the share of the same clean images (no trigger) already predicted as it; the worst.
+    trigger_excess: float | None = None
 
     def worst_class_drop(self, before: Measurement) -> float:
         """The largest fall of one class's accuracy from `before` (a target can over-correct)."""
@@ -126,6 +130,7 @@ class Measurement:
             "clean_accuracy": self.clean_accuracy,
             "transplant_success": self.transplant_success,
             "attack_success": self.attack_success,
+            "trigger_excess": self.trigger_excess,
         }
 
 
@@ -331,15 +336,24 @@ def measure(loaded: LoadedModel, classes: Sequence[str], holdout: HoldOut, targe
             return None if pixels is None or not len(pixels) else float(np.mean(predict(pixels) == aim))
 
         # With several targets, the trigger that survives best is what is left of the backdoor.
-        rates = [success(pixels, aim) for aim, pixels in (holdout.triggered or {}).items()]
-        transplant = max((r for r in rates if r is not None), default=None)
+        predictions = predict(holdout.pixels)
+        rates, excess = [], []
+        for aim, pixels in (holdout.triggered or {}).items():
+            rate = success(pixels, aim)
+            if rate is not None:
+                rates.append(rate)
+                confused = predictions[holdout.labels != aim] == aim
+                excess.append(rate - (float(confused.mean()) if confused.size else 0.0))
+        transplant = max(rates, default=None)
 
-        hits = predict(holdout.pixels) == holdout.labels
+        hits = predictions == holdout.labels
         per_class = tuple(
             float(hits[holdout.labels == c].mean()) if (holdout.labels == c).any() else float("nan")
             for c in range(len(classes))
         )
-        return Measurement(float(hits.mean()), transplant, success(holdout.attacked), per_class)
+        return Measurement(
+            float(hits.mean()), transplant, success(holdout.attacked), per_class, max(excess, default=None)
+        )
 
 
 @dataclass(frozen=True)
@@ -580,8 +594,14 @@ def repair(
             now.clean_accuracy >= before.clean_accuracy - config.max_accuracy_drop
             and now.worst_class_drop(before) <= config.max_class_drop
         )
-        gone = now.transplant_success is not None and now.transplant_success <= config.stop_transplant
-        rank = (not gone, not kept, -now.clean_accuracy, now.transplant_success or 0.0)
+        # Gone: the trigger adds at most `stop_transplant` to the share of images the model
+        # already calls the target. A weak model confuses 2-3 % of other images into a target
+        # by itself, which an absolute bound took for a trigger that never quite went.
+        gone = now.trigger_excess is not None and now.trigger_excess <= config.stop_transplant
+        # The best state removes the trigger first: among states that do not, the one that got
+        # closest (ranking "kept" first here kept a state with the trigger still at 90 %).
+        left = 0.0 if gone else (now.trigger_excess or 0.0)
+        rank = (not gone, left, not kept, -now.clean_accuracy)
         if step > 0 and ("rank" not in best or rank < best["rank"]):
             best.update(rank=rank, step=step, state=copy.deepcopy(loaded.model.state_dict()), measured=now)
         # Without a recovered trigger (non-localized) there is nothing to stop on: the budget runs.

@@ -587,6 +587,15 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     and (r["median_box_iou"] or 0) >= 0.5
                 ),
             ),
+            # The same with recall over the planted files the trigger flipped (its victims).
+            "localized_victims_ok_flipped": share(
+                localized,
+                lambda r: (
+                    (r["victim_precision"] or 0) >= 0.9
+                    and (r.get("victim_recall_flipped") or 0) >= 0.9
+                    and (r["median_box_iou"] or 0) >= 0.5
+                ),
+            ),
             "nonlocalized_target_right": share(nonlocal_, lambda r: r["targets_right"]),
             "nonlocalized_target_right_or_suspected": share(
                 nonlocal_, lambda r: r["targets_right"] or r.get("suspects_include_targets")
@@ -620,7 +629,9 @@ def table(body: dict[str, Any]) -> str:
         f"`benchmarks/results/matrix.json` ({body.get('date', '')}). Every model here was "
         "trained by this project and scanned with default settings; ground truth is what the "
         "generator planted. `not planted`: the trigger's attack success stayed below "
-        f"{PLANTED_ASR:.0%}, so the row measures nothing and is counted apart.",
+        f"{PLANTED_ASR:.0%}, so the row measures nothing and is counted apart. R: recall over every "
+        "planted file; R flipped: over the planted files the model predicts as the target (the "
+        "backdoor's victims; a planted file its trigger did not flip is no victim).",
         "",
     ]
     for split, numbers in body["summary"].items():
@@ -630,9 +641,9 @@ def table(body: dict[str, Any]) -> str:
     lines += [
         "## Rows",
         "",
-        "| split | model | attack | poison | share | CA | ASR | verdict | targets | P | R | IoU | oracle | "
-        "s | repair ASR / CA |",
-        "| " + " | ".join(["---"] * 15) + " |",
+        "| split | model | attack | poison | share | CA | ASR | verdict | targets | P | R | R flipped "
+        "| IoU | oracle | s | repair ASR / CA |",
+        "| " + " | ".join(["---"] * 16) + " |",
     ]
     for r in body["rows"]:
         lines.append("| " + " | ".join(_cells(r)) + " |")
@@ -678,6 +689,7 @@ def _cells(r: dict[str, Any]) -> list[str]:
         ", ".join(r["targets_found"]) or "–",
         num(r["victim_precision"]),
         num(r["victim_recall"]),
+        num(r.get("victim_recall_flipped")),
         num(r["median_box_iou"]),
         num(r["oracle_share"]),
         f"{sum(r['seconds'].values()):.0f}",

@@ -127,7 +127,7 @@ def _natural_images(
 
     Only images the oracle agrees show the target, without a candidate: a triggered image that
     is not found as a victim (on a weak model, removing the trigger does not always change the
-    prediction) would otherwise lend the control the trigger itself (natural pieces at 94 %
+    prediction) would otherwise lend the control the trigger itself (natural pieces at 95 %
     against the trigger's 86 %, weak ResNet tuning row). Images that merely resemble the
     prototype stay in: when the "trigger" is a natural part of the target (the same sunflower
     glyph in every emoji scene of 'flower'), those images are exactly the natural pieces to
