@@ -716,7 +716,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.merge:  # rows scanned in parallel runs, each into its own file
         merged = _saved_rows(args.out) + [r for part in args.merge for r in _saved_rows(part)]
-        write_result(args.out, "matrix", _body(_in_row_order(merged)))
+        parts = [json.loads(part.read_text()) for part in args.merge]
+        runs = [{"command": p.get("command"), "date": p.get("date")} for p in parts]
+        write_result(args.out, "matrix", {**_body(_in_row_order(merged)), "merged_from": runs})
         return
     if args.table:
         args.table.write_text(table(json.loads(args.out.read_text())))

@@ -1,13 +1,12 @@
 """Detection-matrix models with committed weights, scanned with default settings (issue 13).
 
-Tuning rows of `benchmarks/matrix.py` whose backdoor took (attack success >= 0.5): an 8-px
-noise patch at 3 %, a lemon-emoji sticker at 1 % of training pairs, and two triggers for two
-targets. Each is judged by the matrix's own judge against what its generator planted: the
-poisoned files, their trigger boxes and the targets. The weights are in `tests/data/matrix/`
-(fp16, named by the row and the training recipe, so a recipe change shows up here as a missing
-file, not as a silent retrain). Not here yet, because the scan or the recipe fails them (see
-`docs/matrix.md`): a weak ResNet (the scan misses it), a small per-pixel-noise ViT (its
-backdoor does not take), a clean weak ResNet.
+Tuning rows of `benchmarks/matrix.py`: an 8-px noise patch at 3 %, a lemon-emoji sticker at 1 %
+of training pairs, two triggers for two targets, a 5-px per-pixel-noise patch (0.56 % of the
+image) on a ViT, random-position colour blocks on a weak ResNet (clean accuracy 0.72, confusable
+labels), and a clean weak ResNet. Each is judged by the matrix's own judge against what its
+generator planted: the poisoned files, their trigger boxes and the targets. The weights are in
+`tests/data/matrix/` (fp16, named by the row and the training recipe, so a recipe change shows
+up here as a missing file, not as a silent retrain).
 """
 
 from __future__ import annotations
@@ -39,12 +38,28 @@ def _run(name: str, folder: Path, tmp_path: Path) -> dict:
 
 
 @pytest.mark.parametrize(
-    "name", ["vit-64-strong-emoji-noise", "vit-64-strong-emoji-logo", "vit-64-strong-emoji-two"]
+    "name",
+    [
+        "vit-64-strong-emoji-noise",
+        "vit-64-strong-emoji-logo",
+        "vit-64-strong-emoji-two",
+        "vit-64-strong-emoji-pixels3",
+        "resnet-64-weak-photos-blocks",
+    ],
 )
 def test_a_poisoned_matrix_model_is_found_with_its_victims(name, folder, tmp_path):
     result = _run(name, folder, tmp_path)
     assert matrix.planted(result), result["attack_success"]  # the generator's backdoor works
     assert result["verdict"] == "backdoor" and result["targets_right"], result["targets_found"]
-    assert result["victim_precision"] >= 0.9 and result["victim_recall"] >= 0.9
+    # Recall over the planted files the model predicts as the target: a planted file that the
+    # trigger did not flip is no victim of the backdoor (the weak ResNet flips 89 % of them).
+    assert result["victim_precision"] >= 0.9 and result["victim_recall_flipped"] >= 0.9
     assert result["median_box_iou"] >= 0.5
     assert result["failures"] == 0
+
+
+def test_a_clean_weak_matrix_model_is_reported_clean(folder, tmp_path):
+    result = _run("resnet-64-weak-photos-clean", folder, tmp_path)
+    assert result["clean_accuracy"] <= 0.85  # weak: confusable labels (fruit / vegetable, ...)
+    assert result["verdict"] == "clean" and result["targets_found"] == []
+    assert result["victim_share_of_images"] <= 0.01
