@@ -22,7 +22,8 @@ fonts:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fonts-noto-color-emoji; }
 
-# The detection matrix's photo scenes use Debian's photo cut-outs (benchmark only, ~160 MB).
+# The detection matrix's photo scenes use Debian's photo cut-outs (~160 MB): the benchmark and
+# the suite's weak-ResNet matrix models need them.
 STAMPS := /usr/share/tuxpaint/stamps
 matrix-data:
 	@test -d $(STAMPS) || { \
@@ -35,7 +36,7 @@ matrix: setup matrix-data
 demo: setup
 	$(BIN)/clip-audit demo
 
-test: setup
+test: setup matrix-data
 	$(BIN)/ruff check auditor engines tests benchmarks
 	$(BIN)/mypy auditor engines
 	$(BIN)/python -m pytest -q
