@@ -122,6 +122,7 @@ class Report:
     disagreement: dict[str, float] = field(default_factory=dict)  # per predicted label, checked images
     failures: tuple[FailureInfo, ...] = ()  # what could not be checked: the scan is incomplete
     findings: tuple[FindingInfo, ...] = ()  # every confirmed target, strongest first
+    suspects: tuple[str, ...] = ()  # labels that had evidence but were not confirmed
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -197,6 +198,7 @@ class Report:
                 }
                 for f in self.findings
             ],
+            "suspects": list(self.suspects),
         }
 
     @classmethod
@@ -253,6 +255,7 @@ class Report:
                 )
                 for f in raw.get("findings", [])
             ),
+            suspects=tuple(raw.get("suspects", [])),
             schema_version=raw["schema_version"],
         )
 

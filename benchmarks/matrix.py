@@ -477,11 +477,9 @@ def judge(report: dict[str, Any], truth: dict[str, Any], flipped: list[str] | No
         if planted[p]["box"] and found[p]["trigger_box"]
     ]
     targets = sorted(truth["targets"])
-    evidence = report["trigger"]["evidence"]
-    suspected = "Suspect labels" in evidence
-    # "Suspect labels A, B were not confirmed (...)": the labels a clean verdict still names.
-    named = evidence.split("Suspect labels ", 1)[1].split(" were not confirmed")[0] if suspected else ""
-    suspects = [label.strip() for label in named.split(",") if label.strip()]
+    suspected = report["verdict"] == "clean" and bool(report["suspects"])
+    # The labels a clean verdict still names (a backdoor verdict's unconfirmed ones are not counted).
+    suspects = list(report["suspects"]) if suspected else []
     return {
         "verdict": report["verdict"],
         "targets_found": report["target_labels"],

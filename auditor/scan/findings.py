@@ -201,6 +201,11 @@ def build_report(
         disagreement={label: round(float(np.mean(v)), 4) for label, v in sorted(per_label.items())},
         failures=tuple(ctx.failures),
         findings=infos,
+        suspects=tuple(
+            classes[c]
+            for c in sorted(set(findings.suspects) | set(findings.clustered))
+            if c not in {f.target for f in findings.confirmed}
+        ),
     )
 
 

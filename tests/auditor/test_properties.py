@@ -149,9 +149,12 @@ reports = st.builds(
             st.lists(text, max_size=3).map(tuple),
             st.lists(text, max_size=3).map(tuple),
             text,
+            st.none() | text,
+            st.none() | unit,
         ),
         max_size=3,
     ).map(tuple),
+    suspects=st.lists(text, max_size=3).map(tuple),
 )
 
 
