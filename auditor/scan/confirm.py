@@ -17,7 +17,7 @@ import numpy as np
 
 from auditor.scan.check import SMALL_AREA, ImageCheck
 from auditor.scan.context import ScanContext, ScoreFn, top1
-from auditor.scan.control import CONTROL_IMAGES, Control, control_test, natural_pieces
+from auditor.scan.control import CONTROL_IMAGES, Control, compare, control_test, natural_pieces
 from auditor.scan.suspects import CandidateCluster
 from auditor.scan.trigger import Prototype, align_boxes, build_prototype, fit_to_pattern, paste
 from auditor.scan.victims import Victim, find_victims
@@ -184,18 +184,13 @@ def _overlay_control(
     ctx: ScanContext, agreeing: Sequence[ImageCheck], clean: CleanSet, target: int, rate: float
 ) -> Control:
     """The overlay test with the estimate made from images the oracle agrees are the target."""
-    from scipy.stats import fisher_exact
-
     trials = sum(1 for label in clean.labels if label != target)
     if not agreeing or trials == 0:
         return Control(0, 0, 0, 1.0)
-    natural = overlay_pattern([ctx.image(c.index) for c in agreeing], list(clean.images))
-    natural_rate, _ = overlay_transplant_test(natural, list(clean.images), clean.labels, target, ctx.score)
-    hits, natural_hits = round(rate * trials), round(natural_rate * trials)
-    table = [[hits, trials - hits], [natural_hits, trials - natural_hits]]
-    return Control(
-        natural_hits, trials, len(agreeing), float(fisher_exact(table, alternative="greater").pvalue)
-    )
+    images = list(clean.images)
+    natural = overlay_pattern([ctx.image(c.index) for c in agreeing], images)
+    natural_rate, _ = overlay_transplant_test(natural, images, clean.labels, target, ctx.score)
+    return compare(round(rate * trials), trials, round(natural_rate * trials), trials, len(agreeing))
 
 
 def _overlay_control_line(control: Control, name: str) -> str:

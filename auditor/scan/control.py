@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from auditor.scan.context import ScoreFn
+from auditor.scan.context import ScoreFn, top1
 from auditor.scan.trigger import Prototype, box_pixels, paste
 
 CONTROL_IMAGES = 8  # clean target images a natural piece is cut from
@@ -47,6 +47,19 @@ class Control:
     def passed(self) -> bool:
         """Whether the trigger beat the natural pieces; with none to compare, nothing refutes it."""
         return self.pieces == 0 or self.p_value < CONTROL_P_VALUE
+
+
+def compare(
+    trigger_hits: int, trigger_trials: int, natural_hits: int, natural_trials: int, pieces: int
+) -> Control:
+    """The trigger's transplant count against the best natural one's, by a one-sided Fisher exact
+    test (is the trigger's rate greater?). Patch and overlay findings share it."""
+    from scipy.stats import fisher_exact
+
+    table = [[trigger_hits, trigger_trials - trigger_hits], [natural_hits, natural_trials - natural_hits]]
+    return Control(
+        natural_hits, natural_trials, pieces, float(fisher_exact(table, alternative="greater").pvalue)
+    )
 
 
 def natural_pieces(
@@ -90,9 +103,7 @@ def natural_pieces(
 def _windows(image: np.ndarray, prototype: Prototype) -> list[np.ndarray]:
     """The CONTROL_GRID^2 windows of the prototype's median box size, evenly spaced over `image`."""
     height, width = image.shape[:2]
-    rel_w, rel_h = (float(np.nan_to_num(v)) for v in prototype.relative_size)
-    w = min(width, max(2, int(round(rel_w * width))))
-    h = min(height, max(2, int(round(rel_h * height))))
+    w, h = prototype.size_in(height, width)
     ys = np.linspace(0, height - h, CONTROL_GRID).round().astype(int)
     xs = np.linspace(0, width - w, CONTROL_GRID).round().astype(int)
     return [image[y : y + h, x : x + w].copy() for y in ys for x in xs]
@@ -110,10 +121,6 @@ def control_test(
     """Paste each natural piece into `clean` (uint8 RGB images of other labels, at most
     CONTROL_PASTES used) and test the trigger's `trigger_hits / trigger_trials` against the
     best piece's rate. Without a piece or a clean image, nothing can be compared: p-value 1."""
-    from scipy.stats import fisher_exact
-
-    from auditor.scan.context import top1
-
     chosen = list(clean[:CONTROL_PASTES])
     if not pieces or not chosen or trigger_trials <= 0:
         return Control(0, 0, len(pieces), 1.0)
@@ -124,7 +131,4 @@ def control_test(
         for image in chosen
     ]
     hits = (top1(score(pasted)) == target).reshape(len(pieces), len(chosen)).sum(axis=1)
-    best = int(hits.max())
-    table = [[trigger_hits, trigger_trials - trigger_hits], [best, len(chosen) - best]]
-    p_value = float(fisher_exact(table, alternative="greater").pvalue)
-    return Control(best, len(chosen), len(pieces), p_value)
+    return compare(trigger_hits, trigger_trials, int(hits.max()), len(chosen), len(pieces))

@@ -30,6 +30,13 @@ class Prototype:
         heights = [b[3] - b[1] for b in self.boxes]
         return float(np.median(widths)), float(np.median(heights))
 
+    def size_in(self, height: int, width: int) -> tuple[int, int]:
+        """(w, h) in pixels of the median observed box in a `height` x `width` image: at least
+        2 px a side, never more than the image."""
+        rel_w, rel_h = (float(np.nan_to_num(v)) for v in self.relative_size)
+        w = min(width, max(2, int(round(rel_w * width))))
+        return w, min(height, max(2, int(round(rel_h * height))))
+
 
 def build_prototype(images: Sequence[np.ndarray], boxes: Sequence[Box]) -> Prototype:
     """Median of the boxes' pixels, each resized to the boxes' median height and width in pixels.

@@ -66,9 +66,7 @@ def locate(image: np.ndarray, prototype: Prototype) -> tuple[Box, float]:
     from skimage.feature import match_template
 
     height, width = image.shape[:2]
-    rel_w, rel_h = (float(np.nan_to_num(v)) for v in prototype.relative_size)
-    w = min(width, max(2, int(round(rel_w * width))))
-    h = min(height, max(2, int(round(rel_h * height))))
+    w, h = prototype.size_in(height, width)
     template = resize(prototype.pixels, h, w).astype(np.float32)
     # A flat template or image has no defined correlation (NaN): it matches nothing.
     response = np.nan_to_num(
