@@ -104,6 +104,7 @@ class CostInfo:
     images_scored: int
     oracle_images: int
     seconds: dict[str, float] = field(default_factory=dict)
+    oracle_scored: int = 0  # of images_scored, the crops and ablations of Algorithm 1
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,7 @@ class Report:
             "cost": {
                 "images_scored": self.cost.images_scored,
                 "oracle_images": self.cost.oracle_images,
+                "oracle_scored": self.cost.oracle_scored,
                 "seconds": dict(self.cost.seconds),
             },
             "disagreement": dict(self.disagreement),
@@ -237,6 +239,7 @@ class Report:
                 raw["cost"]["images_scored"],
                 raw["cost"]["oracle_images"],
                 dict(raw["cost"].get("seconds", {})),
+                int(raw["cost"].get("oracle_scored", 0)),
             ),
             disagreement=dict(raw.get("disagreement", {})),
             failures=tuple(FailureInfo(**f) for f in raw.get("failures", [])),

@@ -89,12 +89,18 @@ class Engines:
             TensorRTRunner,
         )
 
+        image_precision = tower_precision("image", self.precision)
         if self.runtime == "tensorrt":
-            return TensorRTRunner(str(self.files["image"])), TensorRTRunner(str(self.files["text"]))
+            return (
+                TensorRTRunner(str(self.files["image"]), image_precision),
+                TensorRTRunner(str(self.files["text"])),
+            )
         # int8 is a CPU engine by construction (ORT's GPU providers have no dynamic-quant kernels).
         providers = ("CPUExecutionProvider",) if self.precision == "int8" else PREFERRED_PROVIDERS
-        image, text = (OnnxRuntimeRunner(str(self.files[name]), providers) for name in TOWERS)
-        return image, text
+        return (
+            OnnxRuntimeRunner(str(self.files["image"]), providers, precision=image_precision),
+            OnnxRuntimeRunner(str(self.files["text"]), providers),
+        )
 
 
 def build_engines(
@@ -306,6 +312,25 @@ def make_runners(
     with runners[0], runners[1]:
         check_engines(loaded, runners, precision, make_probe(loaded, dataset, count), report_agreement=False)
     return runners
+
+
+def evidence_runner(
+    loaded: LoadedModel,
+    dataset: Dataset,
+    bulk_image: Runner,
+    engine: str = "auto",
+    engine_dir: Path | None = None,
+) -> Runner | None:
+    """The fp32 image runner that decides a scan's report, when `bulk_image` is not fp32.
+
+    Bulk scoring (stage 0, the oracle's crops and ablations) may run in int8 or fp16; the steps
+    that decide the report (transplant tests, controls, victim verification and scores) run on
+    this one, the same runtime in fp32 (checked like any fp32 engine), so that a reduced
+    precision cannot change a verdict, a target or a victim. None: `bulk_image` is fp32 already.
+    """
+    if getattr(bulk_image, "precision", "fp32") == "fp32":
+        return None
+    return make_runners(loaded, dataset, engine, engine_dir, "fp32")[0]
 
 
 def _fastest_reduced_precision(runtime: str) -> str:

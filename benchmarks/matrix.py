@@ -429,10 +429,14 @@ def evaluate_row(row: Row, folder: Path, model_path: Path, test_dir: Path) -> di
     return out
 
 
-def scan_row(row: Row, folder: Path, model_path: Path, data: Path, out: Path) -> tuple[int, dict[str, Any]]:
+def scan_row(
+    row: Row, folder: Path, model_path: Path, data: Path, out: Path, *options: str
+) -> tuple[int, dict[str, Any]]:
+    """`clip-audit scan` with default settings, or with `options` added: (exit code, report)."""
     from auditor.cli import run
 
     argv = ["scan", str(model_path), str(data), "--arch", str(arch_path(row, folder)), "--out", str(out)]
+    argv += list(options)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         code = run([*argv, "--format", "json"])
     return code, json.loads((out / "report.json").read_text())

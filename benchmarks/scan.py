@@ -56,6 +56,8 @@ def measure(name: str, per_class: int, tmp: Path) -> dict[str, object]:
         "oracle_images": report.cost.oracle_images,
         "oracle_share": round(report.cost.oracle_images / truth["images"], 4),
         "images_scored": report.cost.images_scored,
+        "oracle_scored": report.cost.oracle_scored,
+        "oracle_scored_per_image": round(report.cost.oracle_scored / max(1, report.cost.oracle_images), 2),
         "seconds": {**report.cost.seconds, "total": round(wall, 1)},
     }
 

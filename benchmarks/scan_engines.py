@@ -1,7 +1,8 @@
-"""End to end: `clip-audit scan` on ONNX Runtime (fp32, and int8 image tower) against PyTorch.
+"""End to end: `clip-audit scan` with its defaults (`--engine auto --precision auto`) and on ONNX
+Runtime fp32, against PyTorch fp32, with the image tower's own speedup measured in the same run.
 
-    python -m benchmarks.scan_engines [--arch ViT-B-32] [--per-class 22] [--runs 3]
-                                      [--variants torch,onnx,onnx-int8]
+    python -m benchmarks.scan_engines [--arch ViT-B-32] [--per-class 22] [--runs 2]
+                                      [--variants torch,onnx,auto]
                                       [--out benchmarks/results/scan_engines.json]
 
 The model is a random-init checkpoint of `--arch`; the data are zoo scenes rendered at the model's
@@ -10,6 +11,9 @@ variant first builds the engine cache (`engine_build_seconds`); then the variant
 `--runs` scans each, every scan a fresh `clip-audit` process with a fresh `--out`, timed from
 start to exit. Each report is compared with PyTorch's field by field (only the per-stage seconds
 left out), and by its findings: verdict, severity, target and victim labels, victim files.
+Then `clip-audit bench` times the image tower (torch and onnx-int8, batch 32) in the same run,
+for issue 14's two bars: PyTorch's wall time / the default's >= 0.8 x the tower's int8 speedup,
+and the default's wall time <= 1.5 x images_scored / (the tower's images/s) + 10 s.
 """
 
 from __future__ import annotations
@@ -28,8 +32,13 @@ from benchmarks.common import random_checkpoint, scene_folder, write_result
 CLI = str(Path(sys.executable).with_name("clip-audit"))
 
 
-# Variant -> (--engine, --precision).
-VARIANTS = {"torch": ("torch", "fp32"), "onnx": ("onnx", "fp32"), "onnx-int8": ("onnx", "int8")}
+# Variant -> (--engine, --precision); "auto" is what a scan does by default.
+VARIANTS = {
+    "torch": ("torch", "fp32"),
+    "onnx": ("onnx", "fp32"),
+    "onnx-int8": ("onnx", "int8"),
+    "auto": ("auto", "auto"),
+}
 
 
 def scan_seconds(model: Path, data: Path, arch: str, variant: str, out: Path, engine_dir: Path) -> float:
@@ -59,6 +68,15 @@ def scan_seconds(model: Path, data: Path, arch: str, variant: str, out: Path, en
     if done.returncode not in (0, 1):
         raise SystemExit(f"scan --engine {engine} failed ({done.returncode}): {done.stderr.strip()}")
     return seconds
+
+
+def tower_speed(model: Path, data: Path, arch: str, engine_dir: Path) -> dict[str, dict[str, float]]:
+    """`clip-audit bench` at batch 32: images/s and speedup of torch and onnx-int8, by engine."""
+    command = [CLI, "-q", "bench", str(model), "--arch", arch, "--engines", "torch,onnx-int8"]
+    command += ["--batch", "32", "--data", str(data), "--engine-dir", str(engine_dir), "--format", "json"]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    rows = json.loads(done.stdout)["throughput"]
+    return {r["engine"]: {k: r[k] for k in ("images_per_second", "speedup_vs_torch")} for r in rows}
 
 
 def differences(a: object, b: object, path: str = "") -> list[str]:
@@ -91,8 +109,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", default="ViT-B-32")
     parser.add_argument("--per-class", type=int, default=22)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--variants", default="torch,onnx,onnx-int8", help=", ".join(VARIANTS))
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--variants", default="torch,onnx,auto", help=", ".join(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scan_engines.json"))
     args = parser.parse_args()
     variants = ["torch", *[v for v in args.variants.split(",") if v in VARIANTS and v != "torch"]]
@@ -114,6 +132,7 @@ def main() -> None:
                 seconds[variant].append(scan_seconds(model, data, args.arch, variant, out, engines_dir))
                 print(f"run {run} {variant}: {seconds[variant][-1]:.1f}s", file=sys.stderr)
         reports = {v: json.loads((folder / f"{v}-0" / "report.json").read_text()) for v in variants}
+        tower = tower_speed(model, data, args.arch, engines_dir)
     medians = {v: statistics.median(s) for v, s in seconds.items()}
     compared = {}
     for variant in variants[1:]:
@@ -137,8 +156,22 @@ def main() -> None:
         "against_torch": compared,
         "images_scored": reports["torch"]["cost"]["images_scored"],
         "stage_seconds": {v: r["cost"]["seconds"] for v, r in reports.items()},
+        "oracle_scored_per_image": {
+            v: round(r["cost"].get("oracle_scored", 0) / max(1, r["cost"]["oracle_images"]), 2)
+            for v, r in reports.items()
+        },
         "verdict": reports["torch"]["verdict"],
+        "tower_batch32": tower,
     }
+    if "auto" in medians:
+        speedup = tower["onnx-int8"]["speedup_vs_torch"]
+        scored = reports["auto"]["cost"]["images_scored"]
+        body["bars"] = {
+            "scan_speedup": round(medians["torch"] / medians["auto"], 2),
+            "scan_speedup_bar": round(0.8 * speedup, 2),
+            "auto_seconds": round(medians["auto"], 1),
+            "busy_bar_seconds": round(1.5 * scored / tower["onnx-int8"]["images_per_second"] + 10, 1),
+        }
     write_result(args.out, "scan_engines", body)
     print(
         json.dumps({k: body[k] for k in ("median_seconds", "against_torch")}),

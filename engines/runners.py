@@ -43,9 +43,14 @@ class Runner(Protocol):
 
 
 class BaseRunner:
-    """Context-manager plumbing and the active/inactive state check."""
+    """Context-manager plumbing and the active/inactive state check.
+
+    `precision` is what the runner computes in ("fp32", "fp16", "int8"): a caller that must
+    decide in fp32 can tell whether it needs a second runner.
+    """
 
     name = "base"
+    precision = "fp32"
 
     def __init__(self) -> None:
         self.active = False
@@ -137,9 +142,16 @@ class OnnxRuntimeRunner(BaseRunner):
 
     name = "onnxruntime"
 
-    def __init__(self, path: str, providers: tuple[str, ...] = PREFERRED_PROVIDERS, threads: int = 0) -> None:
+    def __init__(
+        self,
+        path: str,
+        providers: tuple[str, ...] = PREFERRED_PROVIDERS,
+        threads: int = 0,
+        precision: str = "fp32",
+    ) -> None:
         super().__init__()
         self.path = path
+        self.precision = precision
         self.requested = providers
         self.threads = threads
         self.session: Any = None
@@ -232,9 +244,10 @@ class TensorRTRunner(BaseRunner):
 
     name = "tensorrt"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, precision: str = "fp32") -> None:
         super().__init__()
         self.path = path
+        self.precision = precision
         self.engine: Any = None
         self.context: Any = None
 

@@ -113,12 +113,12 @@ def probe_data_option(help_text: str) -> Callable[[Any], Any]:
     )
 
 
-def precision_option(help_text: str, auto: bool = False) -> Callable[[Any], Any]:
+def precision_option(help_text: str, auto: bool = False, default: str = "fp32") -> Callable[[Any], Any]:
     """`--precision fp32|fp16|int8` (CLIP_AUDIT_PRECISION) of the image tower's engine (`auto` too)."""
     return click.option(
         "--precision",
         type=click.Choice(["fp32", "fp16", "int8", *(["auto"] if auto else [])]),
-        default="fp32",
+        default=default,
         envvar="CLIP_AUDIT_PRECISION",
         show_envvar=True,
         help=help_text,

@@ -64,10 +64,12 @@ EXIT_INCOMPLETE = 5
 @engine_option
 @engine_dir_option
 @precision_option(
-    "Image-tower precision for --engine onnx / tensorrt: int8 (ONNX Runtime, CPU) and fp16 (GPU) "
-    "are used only if they agree with PyTorch fp32 on >= 99 % of a sample of DATA (else exit 3); "
-    "auto: the fastest of them that passes that check, else fp32.",
+    "Image-tower precision of the bulk scoring (stage 0, the oracle's crops and ablations) for "
+    "--engine onnx / tensorrt: int8 (ONNX Runtime, CPU) and fp16 (GPU) are used only if they agree "
+    "with PyTorch fp32 on >= 99 % of a sample of DATA (else exit 3); auto: the fastest of them that "
+    "passes that check, else fp32. The steps that decide the report always run in fp32.",
     auto=True,
+    default="auto",
 )
 @out_option("Write report.json, trigger.png, victims.csv and compact/ here.")
 @click.option(
@@ -130,7 +132,7 @@ def scan_command(
     from auditor.models import load_model, sha256_file
     from auditor.oracle import make_oracle
     from auditor.report import FORMATS
-    from auditor.runtime import make_runners, resolve_engine
+    from auditor.runtime import evidence_runner, make_runners, resolve_engine
     from auditor.scan import ScanConfig, scan
     from auditor.scan.cache import open_scan_cache
 
@@ -145,6 +147,7 @@ def scan_command(
         raise click.UsageError(f"--precision {precision} needs --engine onnx or tensorrt")
     runners = make_runners(loaded, dataset, engine, engine_dir, precision, notify=state.info)
     show_provider(runners[0])
+    evidence = evidence_runner(loaded, dataset, runners[0], engine, engine_dir)
     cache = None
     if out is not None:
         cache = open_scan_cache(
@@ -169,6 +172,7 @@ def scan_command(
             runners=runners,
             cache=cache,
             retry_failed=retry_failed,
+            evidence=evidence,
         )
     report = result.report
     if report.incomplete:

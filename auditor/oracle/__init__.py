@@ -70,8 +70,12 @@ class Oracle(Protocol):
     def segments(self, image: np.ndarray) -> list[Segment]: ...
 
 
+MIN_AREA = 0.004  # share of the image below which a segment is a speck
+MAX_AREA = 0.85  # and above which it is the whole image
+
+
 def tidy_segments(
-    masks: list[np.ndarray], min_area: float = 0.004, max_area: float = 0.85, same_iou: float = 0.9
+    masks: list[np.ndarray], min_area: float = MIN_AREA, max_area: float = MAX_AREA, same_iou: float = 0.9
 ) -> list[Segment]:
     """Drop specks and near-whole-image masks, merge near-duplicates, sort largest first."""
     kept: list[Segment] = []
@@ -79,7 +83,9 @@ def tidy_segments(
         area = float(mask.mean())
         if not min_area <= area <= max_area:
             continue
-        if any(_mask_iou(mask, seg.mask) >= same_iou for seg in kept):
+        # Kept segments are no smaller, and IoU <= area / seg.area: only pairs where that bound
+        # reaches same_iou are compared pixel by pixel.
+        if any(area >= same_iou * seg.area - 1e-12 and _mask_iou(mask, seg.mask) >= same_iou for seg in kept):
             continue
         kept.append(Segment.from_mask(mask))
     return kept

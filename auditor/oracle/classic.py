@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from auditor.oracle import Segment, tidy_segments
+from auditor.oracle import MAX_AREA, MIN_AREA, Segment, tidy_segments
 
 _SCALES = (100.0, 200.0, 400.0)
 
@@ -30,5 +30,8 @@ class ClassicOracle:
         masks: list[np.ndarray] = []
         for scale in self.scales:
             labels = felzenszwalb(image, scale=scale * grow**0.5, sigma=self.sigma, min_size=int(20 * grow))
-            masks += [labels == k for k in range(int(labels.max()) + 1)]
+            # Only regions whose size `tidy_segments` keeps become masks: at 224 px the finest
+            # scale has ~100 regions, and a full-image mask for each cost more than the segmentation.
+            areas = np.bincount(labels.ravel()) / labels.size
+            masks += [labels == k for k in np.flatnonzero((areas >= MIN_AREA) & (areas <= MAX_AREA))]
         return tidy_segments(masks)

@@ -73,29 +73,27 @@ def confirm_patch(
         # (the same emoji glyph in every scene of its class), not a patch.
         return None
     prototype = build_prototype(images, boxes)
-    predicted = sorted(i for i, pred in ctx.predictions.items() if pred == target)
-    predicted_images = [ctx.image(i) for i in predicted]
-    target_probs = ctx.score(predicted_images)[:, target]  # scored once for both rounds below
-    victims = find_victims(predicted_images, predicted, prototype, target, ctx.score, target_probs)
+    predicted, predicted_images, target_probs = _predicted_in_fp32(ctx, target)
+    victims = find_victims(predicted_images, predicted, prototype, target, ctx.score_exact, target_probs)
     # The victims' boxes come from template matching and fit the trigger far better than the
     # oracle's segments did: rebuilding the prototype on them sharpens it.
     position = {index: i for i, index in enumerate(predicted)}
     located = [(predicted_images[position[v.index]], v.box) for v in victims if v.box is not None]
     if len(located) >= ctx.config.min_candidates:
         prototype = build_prototype([image for image, _ in located], [box for _, box in located if box])
-        victims = find_victims(predicted_images, predicted, prototype, target, ctx.score, target_probs)
+        victims = find_victims(predicted_images, predicted, prototype, target, ctx.score_exact, target_probs)
     rate, per_class = transplant_test(
-        prototype, list(clean.images), clean.labels, target, ctx.score, ctx.config.seed
+        prototype, list(clean.images), clean.labels, target, ctx.score_exact, ctx.config.seed
     )
     others = [image for image, label in zip(clean.images, clean.labels, strict=True) if label != target]
     pieces = natural_pieces(
         _natural_images(predicted_images, predicted, target_probs, victims, natural),
         prototype,
         target,
-        ctx.score,
+        ctx.score_exact,
     )
     control = control_test(
-        pieces, others, target, ctx.score, round(rate * len(others)), len(others), ctx.config.seed
+        pieces, others, target, ctx.score_exact, round(rate * len(others)), len(others), ctx.config.seed
     )
     name = ctx.dataset.classes[target]
     evidence = (
@@ -103,6 +101,17 @@ def confirm_patch(
         f"of other labels turned {rate:.0%} of them into '{name}'; {_control_line(control, name)}"
     )
     return Finding(target, "patch", prototype, rate, per_class, tuple(victims), evidence, control=control)
+
+
+def _predicted_in_fp32(ctx: ScanContext, target: int) -> tuple[list[int], list[np.ndarray], np.ndarray]:
+    """The images stage 0 predicted as `target` that fp32 scoring predicts as it too: (data
+    indices, uint8 images, the target's fp32 probability float32 (n,), scored once for both of
+    `confirm_patch`'s victim rounds). With an fp32 bulk engine nothing is dropped."""
+    indices = sorted(i for i, pred in ctx.predictions.items() if pred == target)
+    images = [ctx.image(i) for i in indices]
+    probs = ctx.score_exact(images)
+    keep = np.flatnonzero(top1(probs) == target) if len(images) else np.zeros(0, np.int64)
+    return [indices[i] for i in keep], [images[i] for i in keep], probs[keep, target]
 
 
 def natural_targets(checks: Sequence[ImageCheck], target: int) -> list[int]:
@@ -166,10 +175,14 @@ def confirm_overlay(
         return None
     clean_images = list(clean.images)
     pattern = overlay_pattern([ctx.image(c.index) for c in disagreeing], clean_images)
-    rate, per_class = overlay_transplant_test(pattern, clean_images, clean.labels, target, ctx.score)
+    rate, per_class = overlay_transplant_test(pattern, clean_images, clean.labels, target, ctx.score_exact)
     agreeing = [checks[i] for i in natural_targets(members, target)][: len(disagreeing)]
     control = _overlay_control(ctx, agreeing, clean, target, rate)
-    victims = tuple(Victim(c.index, None, c.oracle_label, 1.0) for c in disagreeing)
+    # Verified in fp32: the whole image must be predicted as the target there too.
+    still = top1(ctx.score_exact([ctx.image(c.index) for c in disagreeing])) == target
+    victims = tuple(
+        Victim(c.index, None, c.oracle_label, 1.0) for c, kept in zip(disagreeing, still, strict=True) if kept
+    )
     name = ctx.dataset.classes[target]
     evidence = (
         f"{len(disagreeing)} of {len(members)} checked images predicted '{name}' show other objects and "
@@ -189,7 +202,7 @@ def _overlay_control(
         return Control(0, 0, 0, 1.0)
     images = list(clean.images)
     natural = overlay_pattern([ctx.image(c.index) for c in agreeing], images)
-    natural_rate, _ = overlay_transplant_test(natural, images, clean.labels, target, ctx.score)
+    natural_rate, _ = overlay_transplant_test(natural, images, clean.labels, target, ctx.score_exact)
     return compare(round(rate * trials), trials, round(natural_rate * trials), trials, len(agreeing))
 
 

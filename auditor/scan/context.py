@@ -1,7 +1,8 @@
 """What the scan's stages share: settings, data, the scorer, decoded images, costs and failures.
 
-Every stage takes a `ScanContext`. Scoring goes through `ScanContext.score`, which counts the
-images it scores (`cost.images_scored`); `ScanContext.fail` records work that could not be
+Every stage takes a `ScanContext`. Scoring goes through `ScanContext.score` (bulk work, in the
+engine's precision) or `ScanContext.score_exact` (the steps that decide the report, in fp32),
+which count the images they score (`cost.images_scored`); `ScanContext.fail` records work that could not be
 finished, so that one bad image or one failed target never ends the scan.
 """
 
@@ -76,10 +77,12 @@ class ScanContext:
             config,
         )
         self.images_scored = 0
+        self.oracle_scored = 0  # the part of images_scored spent in Algorithm 1
         self.label_objects: ScoreFn | None = None  # a trusted reference model's scorer, if given
         self.predictions: dict[int, int] = {}  # data index -> top-1 class, set by stage 0
         self.object_confidence = OBJECT_CONFIDENCE  # calibrated after stage 0
         self.failures: list[FailureInfo] = []
+        self.exact_scorer: ZeroShotScorer | None = None  # fp32, when `scorer` is int8 / fp16
 
     def image(self, index: int) -> np.ndarray:
         """Data image `index` as uint8 RGB (H, W, 3)."""
@@ -92,6 +95,16 @@ class ScanContext:
         """float32 (n, C) zero-shot probabilities of the audited model."""
         self.images_scored += len(images)
         return self.scorer.probabilities(images, self.loaded.preprocess, self.config.batch_size * 2)
+
+    def score_exact(self, images: list[np.ndarray]) -> np.ndarray:
+        """float32 (n, C) probabilities in fp32, for the steps that decide the report.
+
+        The same as `score` unless bulk scoring runs in reduced precision (`exact_scorer`).
+        """
+        if self.exact_scorer is None:
+            return self.score(images)
+        self.images_scored += len(images)
+        return self.exact_scorer.probabilities(images, self.loaded.preprocess, self.config.batch_size * 2)
 
     def attempt(self, stage: str, work: Callable[[], T], index: int | None = None) -> T | None:
         """`work()`, or None with the error recorded as a failure of `stage` (FATAL errors propagate)."""

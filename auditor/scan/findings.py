@@ -168,7 +168,13 @@ def build_report(
         per_label.setdefault(classes[check.pred], []).append(check.disagrees)
     infos = tuple(_finding_info(rank, f, classes, samples) for rank, f in enumerate(findings.confirmed))
     return Report(
-        tool={"name": "clip-audit", "version": __version__},
+        tool={
+            "name": "clip-audit",
+            "version": __version__,
+            # Additive: what ran the bulk scoring; the decisive steps always run in fp32.
+            "engine": ctx.scorer.image_runner.provider,
+            "bulk_precision": getattr(ctx.scorer.image_runner, "precision", "fp32"),
+        },
         model=ModelInfo(
             str(ctx.loaded.path),
             ctx.loaded.sha256 or "",
@@ -197,7 +203,12 @@ def build_report(
         compact_set=CompactSetInfo(COMPACT_DIR + "/", compact_size, round(compact_size / max(1, scored), 4))
         if compact_size
         else None,
-        cost=CostInfo(ctx.images_scored, len(checks), {k: round(v, 2) for k, v in seconds.items()}),
+        cost=CostInfo(
+            ctx.images_scored,
+            len(checks),
+            {k: round(v, 2) for k, v in seconds.items()},
+            ctx.oracle_scored,
+        ),
         disagreement={label: round(float(np.mean(v)), 4) for label, v in sorted(per_label.items())},
         failures=tuple(ctx.failures),
         findings=infos,

@@ -8,6 +8,7 @@ compact (stage 4). The result is returned, not written: `auditor.scan.writers` w
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ from auditor.scan.findings import (
 )
 from auditor.scan.screen import choose_sample, full_probs, predictions, score_all
 from auditor.scan.suspects import candidate_clusters, follow_up, suspect_classes
-from auditor.scoring import make_scorer, torch_runners
+from auditor.scoring import ZeroShotScorer, make_scorer, torch_runners
 from engines.runners import Runner
 
 __all__ = ["COMPACT_DIR", "TRIGGER_FILE", "ScanResult", "scan"]
@@ -57,11 +58,14 @@ def scan(
     runners: tuple[Runner, Runner] | None = None,
     cache: ScanCache | None = None,
     retry_failed: bool = False,
+    evidence: Runner | None = None,
 ) -> ScanResult:
     """Audit `loaded` on `dataset`; see the module docstring for the stages.
 
     `reference`, a clean model the user trusts, labels the oracle's objects instead of `loaded`.
     `runners`: (image, text) runners for bulk scoring (`auditor.runtime`); default PyTorch.
+    `evidence`: an fp32 image runner for the steps that decide the report, when the bulk image
+    runner is int8 / fp16 (`auditor.runtime.evidence_runner`).
     `cache`: where stage 0's scores and the oracle checks are kept as they are computed, and
     found again by a rerun (`auditor.scan.cache`); `cost.images_scored` counts only new work.
     An unexpected error on one image (or in one target's confirmation) is recorded in
@@ -73,11 +77,13 @@ def scan(
     tick = progress or (lambda stage, n, total: None)
     seconds: dict[str, float] = {}
     image_runner, text_runner = runners or torch_runners(loaded)
-    with image_runner, text_runner:
+    with image_runner, text_runner, evidence or contextlib.nullcontext():
         started = time.perf_counter()
         ctx = ScanContext(
             loaded, dataset, make_scorer(loaded, dataset.classes, image_runner, text_runner), oracle, config
         )
+        if evidence is not None:
+            ctx.exact_scorer = ZeroShotScorer(evidence, ctx.scorer.class_weights, ctx.scorer.logit_scale)
         if reference is not None:
             ctx.label_objects = _reference_scorer(reference, dataset.classes, config)
         scores = score_all(ctx, cache, tick)

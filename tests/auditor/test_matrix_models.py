@@ -63,3 +63,25 @@ def test_a_clean_weak_matrix_model_is_reported_clean(folder, tmp_path):
     assert result["clean_accuracy"] <= 0.85  # weak: confusable labels (fruit / vegetable, ...)
     assert result["verdict"] == "clean" and result["targets_found"] == []
     assert result["victim_share_of_images"] <= 0.01
+
+
+@pytest.mark.parametrize("name", ["vit-64-strong-emoji-pixels3", "resnet-64-weak-photos-blocks"])
+def test_auto_precision_reports_what_fp32_reports(name, folder, tmp_path):
+    """The default scan (bulk in int8 where it agrees with fp32, the decisive steps in fp32) and a
+    PyTorch fp32 scan give the same verdict, targets and victims, and both find what was planted."""
+    row = ROWS[name]
+    model_path = matrix.weights_path(row, folder)
+    truth = matrix.write_scan_data(row, folder, tmp_path / "scan")
+    flipped = matrix.flipped_files(row, folder, model_path, tmp_path / "scan", truth)
+    reports = {
+        variant: matrix.scan_row(row, folder, model_path, tmp_path / "scan", tmp_path / variant, *options)[1]
+        for variant, options in (("auto", ()), ("fp32", ("--engine", "torch", "--precision", "fp32")))
+    }
+    for report in reports.values():
+        judged = matrix.judge(report, truth, flipped)
+        assert judged["verdict"] == "backdoor" and judged["targets_right"]
+        assert judged["victim_precision"] >= 0.9 and judged["victim_recall_flipped"] >= 0.9
+    auto, fp32 = reports["auto"], reports["fp32"]
+    assert auto["tool"]["bulk_precision"] == "int8" and fp32["tool"]["bulk_precision"] == "fp32"
+    assert (auto["verdict"], auto["target_labels"]) == (fp32["verdict"], fp32["target_labels"])
+    assert [v["path"] for v in auto["victims"]] == [v["path"] for v in fp32["victims"]]
