@@ -1,6 +1,6 @@
 """Detection figures of `scan` on every zoo model, against the generator's ground truth.
 
-    python benchmarks/scan.py [--per-class 120] [--out benchmarks/results/scan.json]
+    python -m benchmarks.scan [--per-class 120] [--out benchmarks/results/scan.json]
 
 For each zoo model: scan data from `write_scan_data` (5 % poisoned, filed under the target),
 then the scan with default settings (classic oracle, 32 images per class sampled). Reported:

@@ -1,6 +1,6 @@
 """Measure every bundled zoo model: clean accuracy and attack success of its planted trigger.
 
-    python benchmarks/zoo.py [--per-class 100] [--out benchmarks/results/zoo.json]
+    python -m benchmarks.zoo [--per-class 100] [--out benchmarks/results/zoo.json]
 
 Held-out scenes come from `write_test_data` (a seed disjoint from training). For each poisoned
 model the planted trigger is also measured on the clean model, as the baseline it must beat.
