@@ -328,7 +328,7 @@ def evidence_runner(
     this one, the same runtime in fp32 (checked like any fp32 engine), so that a reduced
     precision cannot change a verdict, a target or a victim. None: `bulk_image` is fp32 already.
     """
-    if getattr(bulk_image, "precision", "fp32") == "fp32":
+    if bulk_image.precision == "fp32":
         return None
     return make_runners(loaded, dataset, engine, engine_dir, "fp32")[0]
 

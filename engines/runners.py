@@ -27,6 +27,7 @@ class Runner(Protocol):
     """What every backend implements."""
 
     name: str
+    precision: str  # "fp32", "fp16" or "int8": what the runner computes in
 
     @property
     def provider(self) -> str: ...

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from auditor.oracle import Oracle, Segment, pixel_box
+from auditor.oracle import Box, Oracle, Segment, pixel_box
 from auditor.report import FailureInfo
 from auditor.scan.context import FATAL, OBJECT_CONFIDENCE, ScanContext, ScoreFn
 
@@ -115,7 +115,11 @@ def _views(index: int, image: np.ndarray, probs: np.ndarray, oracle: Oracle) -> 
     small = [s for s in segments if 0 < s.area <= SMALL_AREA]
     # A crop is the object's box, so objects with the same box (one region found at several
     # scales) give the same crop and the same vote: one of them is scored.
-    objects = list({s.box: s for s in reversed(segments) if s.area >= OBJECT_AREA}.values())[::-1]
+    by_box: dict[Box, Segment] = {}
+    for segment in segments:
+        if segment.area >= OBJECT_AREA:
+            by_box.setdefault(segment.box, segment)
+    objects = list(by_box.values())
     smoothed = denoise(image) if objects else image
     return _Views(index, probs, small, objects, [crop_segment(smoothed, s) for s in objects])
 
@@ -194,7 +198,7 @@ class AblationSearch:
         following: list[tuple[int, ...]] = []
         for parent, left, right in self._splits:
             if not taken[left] and not taken[right]:  # only the whole group did it: look at each
-                following += [(p,) for p in parent if p not in self.scored and (p,) not in following]
+                following += [(p,) for p in parent if p not in self.scored]
         self._splits = []
         for group in self.pending:
             if len(group) > 1 and taken[group]:
@@ -331,12 +335,10 @@ def _best_candidate(small: list[Segment], ablated: np.ndarray, pred: int, p_pred
     ablated = np.asarray(ablated, dtype=np.float64)
     if not small or ablated.ndim != 2 or ablated.shape[0] != len(small) or not 0 <= pred < ablated.shape[1]:
         return None, 0.0, None
-    finite = np.isfinite(ablated).all(axis=1) & np.isfinite(p_pred)
-    drops = np.where(finite, p_pred - np.nan_to_num(ablated[:, pred]), -np.inf)
-    flips = finite & (np.nan_to_num(ablated).argmax(axis=1) != pred)
-    eligible = [i for i in range(len(small)) if flips[i] and drops[i] > 0 and small[i].area > 0]
+    eligible = [i for i in range(len(small)) if _takes_away(ablated[i], pred, p_pred) and small[i].area > 0]
     if not eligible:
         return None, 0.0, None
+    drops = p_pred - np.nan_to_num(ablated[:, pred])  # finite on every eligible row
     best = max(float(drops[i]) for i in eligible)
     # Among flipping segments within 90% of the largest drop, the smallest one: a larger
     # segment that merely contains the trigger also flips, but its box is loose. `best` is

@@ -93,18 +93,18 @@ class ScanContext:
 
     def score(self, images: list[np.ndarray]) -> np.ndarray:
         """float32 (n, C) zero-shot probabilities of the audited model."""
-        self.images_scored += len(images)
-        return self.scorer.probabilities(images, self.loaded.preprocess, self.config.batch_size * 2)
+        return self._score_with(self.scorer, images)
 
     def score_exact(self, images: list[np.ndarray]) -> np.ndarray:
         """float32 (n, C) probabilities in fp32, for the steps that decide the report.
 
         The same as `score` unless bulk scoring runs in reduced precision (`exact_scorer`).
         """
-        if self.exact_scorer is None:
-            return self.score(images)
+        return self._score_with(self.exact_scorer or self.scorer, images)
+
+    def _score_with(self, scorer: ZeroShotScorer, images: list[np.ndarray]) -> np.ndarray:
         self.images_scored += len(images)
-        return self.exact_scorer.probabilities(images, self.loaded.preprocess, self.config.batch_size * 2)
+        return scorer.probabilities(images, self.loaded.preprocess, self.config.batch_size * 2)
 
     def attempt(self, stage: str, work: Callable[[], T], index: int | None = None) -> T | None:
         """`work()`, or None with the error recorded as a failure of `stage` (FATAL errors propagate)."""

@@ -173,7 +173,7 @@ def build_report(
             "version": __version__,
             # Additive: what ran the bulk scoring; the decisive steps always run in fp32.
             "engine": ctx.scorer.image_runner.provider,
-            "bulk_precision": getattr(ctx.scorer.image_runner, "precision", "fp32"),
+            "bulk_precision": ctx.scorer.image_runner.precision,
         },
         model=ModelInfo(
             str(ctx.loaded.path),
