@@ -323,3 +323,15 @@ def pil_to_array(image: Image.Image) -> np.ndarray:
     import numpy as np
 
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+def first_image(dataset: Dataset | None) -> np.ndarray | None:
+    """The first decodable image of `dataset` as uint8 RGB (H, W, 3); None when there is none."""
+    if dataset is None:
+        return None
+    for sample in dataset.samples:
+        try:
+            return pil_to_array(load_image(dataset.absolute(sample)))
+        except ImageDecodeError:
+            continue
+    return None

@@ -17,7 +17,6 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -345,100 +344,3 @@ def _fastest_reduced_precision(runtime: str) -> str:
     except EngineError:
         return "int8"
     return "fp16"
-
-
-def build_sam_engines(sam: Any, kind: str, checkpoint_sha256: str, engine_dir: Path | None = None) -> Engines:
-    """SAM's image encoder and point-prompt decoder as fp32 ONNX graphs, cached by checkpoint hash."""
-    from engines.cache import EngineCache, EngineKey, runtime_versions
-
-    key = EngineKey(
-        checkpoint_sha256=checkpoint_sha256,
-        arch=f"sam_{kind}",
-        arch_config_sha256=hashlib.sha256(kind.encode()).hexdigest(),
-        precision="fp32",
-        runtime="onnxruntime",
-        versions=tuple(sorted(runtime_versions().items())),
-    )
-    files, hit = EngineCache(engine_dir).get_or_build(key, lambda folder: _export_sam(sam, folder))
-    return Engines("onnx", "fp32", files, hit)
-
-
-def _sam_points(size: int, per_side: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """A per_side x per_side grid of single-point prompts: coords float32 (P, 1, 2), labels (P, 1)."""
-    centres = (np.arange(per_side) + 0.5) * size / per_side
-    grid = np.stack(np.meshgrid(centres, centres), axis=-1).reshape(-1, 1, 2).astype(np.float32)
-    return grid, np.ones(grid.shape[:2], np.float32)
-
-
-def _export_sam(sam: Any, folder: Path) -> dict[str, Path]:
-    import torch
-
-    from engines.export import (
-        SAM_DECODER_AXES,
-        SAM_DECODER_INPUTS,
-        SAM_DECODER_OUTPUTS,
-        export_onnx,
-        sam_decoder,
-        sam_encoder,
-    )
-
-    size = sam.image_encoder.img_size
-    pixels = torch.zeros(1, 3, size, size)
-    encoder = export_onnx(sam_encoder(sam), pixels, folder / "sam-encoder.onnx", "pixels")
-    with torch.no_grad():
-        embeddings = sam.image_encoder(pixels)
-    coords, labels = (torch.from_numpy(a) for a in _sam_points(size, 2))
-    decoder = export_onnx(
-        sam_decoder(sam),
-        (embeddings, coords, labels),
-        folder / "sam-decoder.onnx",
-        SAM_DECODER_INPUTS,
-        SAM_DECODER_OUTPUTS,
-        SAM_DECODER_AXES,
-    )
-    return {"encoder": encoder, "decoder": decoder}
-
-
-def check_sam_engines(
-    sam: Any, engines: Engines, image: np.ndarray | None = None
-) -> tuple[dict[str, float], str]:
-    """fp32 parity of SAM's encoder and decoder with PyTorch on one image (uint8 RGB) or noise.
-
-    Returns the measured numbers and the ONNX Runtime provider that ran them; a failure is an
-    EngineError (exit 3) with the numbers.
-    """
-    import torch
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    from engines.export import sam_decoder
-    from engines.runners import OnnxRuntimeRunner
-    from engines.validate import require_parity
-
-    size = sam.image_encoder.img_size
-    if image is None:
-        image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    resized = torch.from_numpy(ResizeLongestSide(size).apply_image(image)).permute(2, 0, 1).float()
-    pixels = sam.preprocess(resized[None])  # normalized and padded: float32 (1, 3, S, S)
-    coords, labels = _sam_points(size)
-    with torch.no_grad():
-        embeddings = sam.image_encoder(pixels)
-        masks, iou = sam_decoder(sam)(embeddings, torch.from_numpy(coords), torch.from_numpy(labels))
-    with (
-        OnnxRuntimeRunner(str(engines.files["encoder"])) as encoder,
-        OnnxRuntimeRunner(str(engines.files["decoder"])) as decoder,
-    ):
-        onnx_embeddings = encoder.infer({"pixels": pixels.numpy()})["embeddings"]
-        decoded = decoder.infer(
-            {"image_embeddings": embeddings.numpy(), "point_coords": coords, "point_labels": labels}
-        )
-        provider = encoder.provider
-    numbers = {}
-    for name, reference, candidate in (
-        ("encoder", embeddings.numpy().reshape(1, -1), onnx_embeddings.reshape(1, -1)),
-        ("decoder masks", masks.numpy().reshape(len(coords), -1), decoded["masks"].reshape(len(coords), -1)),
-        ("decoder iou", iou.numpy(), decoded["iou_predictions"]),
-    ):
-        measured = require_parity(f"SAM {name}", reference, candidate)
-        numbers[f"{name.replace(' ', '_')}_max_abs_diff"] = measured.max_abs_diff
-        numbers[f"{name.replace(' ', '_')}_min_cosine"] = measured.min_cosine
-    return numbers, provider

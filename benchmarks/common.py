@@ -79,13 +79,15 @@ def random_checkpoint(arch: str, folder: Path, seed: int = 0) -> Path:
     return path
 
 
-def scene_folder(dest: Path, per_class: int, size: int, seed: int = 11) -> Path:
-    """Zoo scenes rendered at `size` px as an ImageFolder (per_class of each zoo class)."""
+def scene_folder(
+    dest: Path, per_class: int, size: int, seed: int = 11, classes: list[str] | None = None
+) -> Path:
+    """Zoo scenes rendered at `size` px as an ImageFolder (per_class of each zoo class, or of `classes`)."""
     from PIL import Image
 
     from auditor.zoo.scenes import balanced_labels, render_scenes
 
-    for index, scene in enumerate(render_scenes(balanced_labels(per_class), seed=seed, size=size)):
+    for index, scene in enumerate(render_scenes(balanced_labels(per_class, classes), seed=seed, size=size)):
         (dest / scene.label).mkdir(parents=True, exist_ok=True)
         Image.fromarray(scene.image).save(dest / scene.label / f"{index:05d}.png")
     return dest

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.common import random_checkpoint, scene_folder, write_result
@@ -41,7 +42,10 @@ VARIANTS = {
 }
 
 
-def scan_seconds(model: Path, data: Path, arch: str, variant: str, out: Path, engine_dir: Path) -> float:
+def scan_seconds(
+    model: Path, data: Path, arch: str, variant: str, out: Path, engine_dir: Path, extra: Sequence[str] = ()
+) -> float:
+    """Seconds of one `clip-audit scan` process (`extra`: more options), from start to exit."""
     engine, precision = VARIANTS[variant]
     command = [
         CLI,
@@ -61,6 +65,7 @@ def scan_seconds(model: Path, data: Path, arch: str, variant: str, out: Path, en
         str(out),
         "--format",
         "json",
+        *extra,
     ]
     started = time.perf_counter()
     done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

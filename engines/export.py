@@ -229,10 +229,32 @@ def tensorrt_profile(input_shape: Sequence[int], batches: Sequence[int]) -> tupl
     return (1, *rest), (largest, *rest), (largest, *rest)
 
 
+def sam_decoder_profile(
+    embeddings_shape: Sequence[int], prompts: int = 64, points: int = 1
+) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """(min, opt, max) shapes of SAM's decoder graph: one image's embeddings, 1..`prompts` prompts
+    of 1..`points` points each (the automatic mask generator sends batches of 64 single points)."""
+    embeddings = tuple(int(d) for d in embeddings_shape)
+    return {
+        "image_embeddings": (embeddings, embeddings, embeddings),
+        "point_coords": ((1, 1, 2), (prompts, 1, 2), (prompts, points, 2)),
+        "point_labels": ((1, 1), (prompts, 1), (prompts, points)),
+    }
+
+
 def build_tensorrt_engine(
-    onnx_path: Path, path: Path, fp16: bool, batches: Sequence[int] = (1, 64), workspace_gib: int = 4
+    onnx_path: Path,
+    path: Path,
+    fp16: bool,
+    batches: Sequence[int] = (1, 64),
+    workspace_gib: int = 4,
+    shapes: dict[str, tuple[Shape, Shape, Shape]] | None = None,
 ) -> Path:
-    """Parse `onnx_path`, build a serialized TensorRT engine and write it to `path` (atomic)."""
+    """Parse `onnx_path`, build a serialized TensorRT engine and write it to `path` (atomic).
+
+    Each input's profile is `shapes[name]` where given, else its batch axis from 1 to
+    max(`batches`) (`tensorrt_profile`).
+    """
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -248,7 +270,8 @@ def build_tensorrt_engine(
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
-        profile.set_shape(tensor.name, *tensorrt_profile(tuple(tensor.shape), batches))
+        bounds = (shapes or {}).get(tensor.name) or tensorrt_profile(tuple(tensor.shape), batches)
+        profile.set_shape(tensor.name, *bounds)
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

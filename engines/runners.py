@@ -236,11 +236,12 @@ def require_gpu_provider(what: str, requested: tuple[str, ...] = PREFERRED_PROVI
 
 
 class TensorRTRunner(BaseRunner):
-    """A serialized TensorRT engine (one input, one output "embeddings") on the current GPU.
+    """A serialized TensorRT engine on the current GPU; feeds and outputs are named as in its graph.
 
-    Inputs are numpy (float32 pixels (B, 3, S, S) or int64 tokens (B, L)); batches larger than
-    the engine's optimization profile allows are run in chunks of its maximum batch. Buffers are
-    torch CUDA tensors, so no pycuda is needed.
+    Inputs are numpy (float32 pixels (B, 3, S, S), int64 tokens (B, L), SAM's decoder's three
+    float32 inputs). An engine with one input (the CLIP towers) runs batches larger than its
+    optimization profile allows in chunks of its maximum batch; one with several (SAM's decoder)
+    runs each call whole. Buffers are torch CUDA tensors, so no pycuda is needed.
     """
 
     name = "tensorrt"
@@ -265,13 +266,12 @@ class TensorRTRunner(BaseRunner):
         if engine is None:
             raise EngineError(f"TensorRT cannot deserialize {self.path} (built by another version?)")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if n not in inputs]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise EngineError(f"{self.path}: expected one input and one output, found {names}")
-        self.input_name, self.output_name = inputs[0], outputs[0]
-        # Profile 0's (min, opt, max) shapes of the input; axis 0 is the batch.
-        self.max_batch = int(engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
+        self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if n not in self.input_names]
+        if not self.input_names or not self.output_names:
+            raise EngineError(f"{self.path}: expected inputs and outputs, found {names}")
+        # Profile 0's (min, opt, max) shapes of the first input; axis 0 is the batch.
+        self.max_batch = int(engine.get_tensor_profile_shape(self.input_names[0], 0)[2][0])
         self.engine, self.context = engine, engine.create_execution_context()
         super().activate()
 
@@ -281,23 +281,34 @@ class TensorRTRunner(BaseRunner):
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._require_active()
-        if self.input_name not in feeds:
-            raise EngineError(f"TensorRT engine expects input '{self.input_name}', got {sorted(feeds)}")
-        batch = feeds[self.input_name]
-        chunks = [self._run(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
-        return {"embeddings": np.concatenate(chunks)}
+        missing = [name for name in self.input_names if name not in feeds]
+        if missing:
+            raise EngineError(f"TensorRT engine expects inputs {self.input_names}, got {sorted(feeds)}")
+        if len(self.input_names) > 1:
+            return self._run({name: feeds[name] for name in self.input_names})
+        name = self.input_names[0]
+        batch = feeds[name]
+        chunks = [
+            self._run({name: batch[i : i + self.max_batch]}) for i in range(0, len(batch), self.max_batch)
+        ]
+        return {out: np.concatenate([chunk[out] for chunk in chunks]) for out in self.output_names}
 
-    def _run(self, chunk: np.ndarray) -> np.ndarray:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        source = torch.from_numpy(np.ascontiguousarray(chunk)).cuda()
-        self.context.set_input_shape(self.input_name, tuple(source.shape))
-        shape = tuple(self.context.get_tensor_shape(self.output_name))
-        output = torch.empty(shape, dtype=torch.float32, device="cuda")
-        self.context.set_tensor_address(self.input_name, source.data_ptr())
-        self.context.set_tensor_address(self.output_name, output.data_ptr())
+        sources = {
+            name: torch.from_numpy(np.ascontiguousarray(value)).cuda() for name, value in feeds.items()
+        }
+        for name, source in sources.items():
+            self.context.set_input_shape(name, tuple(source.shape))
+            self.context.set_tensor_address(name, source.data_ptr())
+        outputs = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            outputs[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
         stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise EngineError(f"TensorRT execution of {self.path} failed")
         stream.synchronize()
-        return output.cpu().numpy()
+        return {name: output.cpu().numpy() for name, output in outputs.items()}

@@ -123,23 +123,25 @@ def _row(name: str, engines: Engines, checks: Mapping[str, object], provider: st
 def _export_sam(
     checkpoint: Path, dataset: Dataset | None, engine_dir: Path | None
 ) -> list[dict[str, object]]:
-    from auditor.data import ImageDecodeError, load_image, pil_to_array
+    from auditor.data import first_image
     from auditor.models import sha256_file
     from auditor.oracle.sam import load_sam
-    from auditor.runtime import build_sam_engines, check_sam_engines
+    from auditor.oracle.sam_engine import build_sam_engines, check_sam_engines, stored_mask_parity
 
     sam, kind = load_sam(checkpoint)
-    image = None
-    for sample in dataset.samples if dataset is not None else []:  # the first decodable image
-        try:
-            image = pil_to_array(load_image(dataset.absolute(sample)))  # type: ignore[union-attr]
-            break
-        except ImageDecodeError:
-            continue
-    with state.progress(f"exporting SAM {kind}", total=None):
-        engines = build_sam_engines(sam, kind, sha256_file(checkpoint), engine_dir)
+    image = first_image(dataset)
+    probes = [image] if image is not None else None
+    with state.progress(f"exporting SAM {kind} (and checking its masks against PyTorch)", total=None):
+        engines = build_sam_engines(sam, kind, sha256_file(checkpoint), engine_dir, probes)
         checks, provider = check_sam_engines(sam, engines, image)
-    return [_row(name, engines, _own(checks, name), provider) for name in engines.files]
+    masks = stored_mask_parity(engines)
+    numbers = {
+        **checks,
+        "decoder_mean_mask_iou": masks.mean_mask_iou,
+        "decoder_segments": masks.engine_segments,
+    }
+    numbers["decoder_torch_segments"] = masks.torch_segments
+    return [_row(name, engines, _own(numbers, name), provider) for name in ("encoder", "decoder")]
 
 
 def _own(checks: Mapping[str, object], part: str) -> dict[str, object]:
@@ -150,6 +152,20 @@ def _own(checks: Mapping[str, object], part: str) -> dict[str, object]:
     return own
 
 
+def _number(name: str, value: float) -> str:
+    if "diff" in name:
+        return f"max diff {value:.1e}"
+    if "cosine" in name:
+        return f"cos {value:.5f}"
+    if "mask_iou" in name:
+        return f"mask IoU {value:.4f}"
+    if name.endswith("torch_segments"):
+        return f"PyTorch {value}"
+    if name.endswith("segments"):
+        return f"segments {value}"
+    return f"top-1 {value:.1%}"
+
+
 def export_table(rows: list[dict[str, object]]) -> Table:
     table = Table(title="clip-audit export")
     for column in ("part", "engine", "provider", "file", "MB", "cached", "check"):
@@ -157,9 +173,7 @@ def export_table(rows: list[dict[str, object]]) -> Table:
     for row in rows:
         checks: dict[str, float] = row["checks"]  # type: ignore[assignment]
         summary = ", ".join(
-            f"max diff {v:.1e}" if "diff" in k else f"cos {v:.5f}" if "cosine" in k else f"top-1 {v:.1%}"
-            for k, v in checks.items()
-            if isinstance(v, float) and k != "probe_images"
+            _number(k, v) for k, v in checks.items() if isinstance(v, (int, float)) and k != "probe_images"
         )
         table.add_row(
             str(row["part"]),

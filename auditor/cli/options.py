@@ -53,8 +53,8 @@ engine_option = click.option(
     default="auto",
     envvar="CLIP_AUDIT_ENGINE",
     show_envvar=True,
-    help="Runtime for bulk scoring: auto = ONNX Runtime when installed, else PyTorch; "
-    "tensorrt needs the [gpu] extra and a CUDA GPU.",
+    help="Runtime for bulk scoring and for --oracle sam: auto = ONNX Runtime when installed, "
+    "else PyTorch; tensorrt needs the [gpu] extra and a CUDA GPU.",
 )
 table_or_json_option = click.option(
     "--format",

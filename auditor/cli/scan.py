@@ -128,7 +128,7 @@ def scan_command(
 ) -> int:
     """Audit MODEL on DATA: exit 1 if a backdoor is found (see --fail-on), 5 if the scan is
     incomplete (some images could not be checked; the report lists them), else 0."""
-    from auditor.data import open_dataset
+    from auditor.data import first_image, open_dataset
     from auditor.models import load_model, sha256_file
     from auditor.oracle import make_oracle
     from auditor.report import FORMATS
@@ -141,9 +141,11 @@ def scan_command(
     dataset = open_dataset(data, classes)
     loaded = load_model(model, arch)
     reference_model = load_model(reference, arch) if reference else None
-    the_oracle = make_oracle(oracle, oracle_checkpoint, oracle_points)
+    runtime = resolve_engine(engine)
+    probe = first_image(dataset) if oracle != "classic" and runtime != "torch" else None
+    the_oracle = make_oracle(oracle, oracle_checkpoint, oracle_points, runtime, engine_dir, probe)
     config = ScanConfig(per_class=per_class, seed=seed, batch_size=batch_size)
-    if precision not in ("fp32", "auto") and resolve_engine(engine) == "torch":
+    if precision not in ("fp32", "auto") and runtime == "torch":
         raise click.UsageError(f"--precision {precision} needs --engine onnx or tensorrt")
     runners = make_runners(loaded, dataset, engine, engine_dir, precision, notify=state.info)
     show_provider(runners[0])
@@ -157,7 +159,7 @@ def scan_command(
             config=config,
             oracle=[oracle, oracle_points, sha256_file(oracle_checkpoint) if oracle_checkpoint else None],
             reference=reference_model.sha256 if reference_model else None,
-            engine=[resolve_engine(engine), precision],
+            engine=[runtime, precision],
         )
         if any(cache.folder.glob("*.npz")):
             state.info(f"resuming: {cache.images_scored()} image scorings found in {cache.folder}")

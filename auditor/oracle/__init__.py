@@ -6,7 +6,8 @@ removal changes the answer is a trigger candidate. Oracles:
 
 - `classic` (default, no weights): scikit-image's felzenszwalb at a few scales, merged;
 - `sam`: segment-anything's automatic mask generator from `--oracle-checkpoint` ([sam] extra);
-- `fastsam`: ultralytics FastSAM from a weight file (optional, absent -> exit 3).
+- `fastsam`: ultralytics FastSAM from a weight file (optional, absent -> exit 3), on ONNX Runtime
+  after one export by ultralytics (`auditor.oracle.fastsam_engine`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Oracle(Protocol):
     """What every oracle implements: uint8 RGB (H, W, 3) -> segments, largest first."""
 
     name: str
+    runtime: str  # what it runs on: "scikit-image", "torch", "onnx", "tensorrt"
 
     def segments(self, image: np.ndarray) -> list[Segment]: ...
 
@@ -96,10 +98,19 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
-def make_oracle(kind: str, checkpoint: Path | None = None, points_per_side: int = 16) -> Oracle:
+def make_oracle(
+    kind: str,
+    checkpoint: Path | None = None,
+    points_per_side: int = 16,
+    runtime: str = "torch",
+    engine_dir: Path | None = None,
+    probe_image: np.ndarray | None = None,
+) -> Oracle:
     """The oracle named by `--oracle` (classic needs no checkpoint; sam and fastsam do).
 
-    `points_per_side`: SAM's prompt grid (its cost grows with the square of it).
+    `points_per_side`: SAM's prompt grid (its cost grows with the square of it). `runtime`: the
+    resolved `--engine` ("torch", "onnx", "tensorrt") that SAM's networks run on; `probe_image`
+    (uint8 RGB, from DATA) is what its engines are checked on.
     """
     if kind == "classic":
         from auditor.oracle.classic import ClassicOracle
@@ -110,9 +121,9 @@ def make_oracle(kind: str, checkpoint: Path | None = None, points_per_side: int 
     if kind == "sam":
         from auditor.oracle.sam import SamOracle
 
-        return SamOracle(checkpoint, points_per_side)
+        return SamOracle(checkpoint, points_per_side, runtime, engine_dir, probe_image)
     if kind == "fastsam":
         from auditor.oracle.fastsam import FastSamOracle
 
-        return FastSamOracle(checkpoint)
+        return FastSamOracle(checkpoint, runtime, engine_dir, probe_image)
     raise InputError(f"unknown --oracle '{kind}'", hint="use classic, sam or fastsam")

@@ -17,6 +17,7 @@ _SCALES = (100.0, 200.0, 400.0)
 
 class ClassicOracle:
     name = "classic"
+    runtime = "scikit-image"
 
     def __init__(self, scales: tuple[float, ...] = _SCALES, sigma: float = 0.8) -> None:
         self.scales = scales

@@ -2,7 +2,8 @@
 
 The model type (vit_b / vit_l / vit_h) is read from the checkpoint's shapes, and the weights go
 through the same safe loading as audited checkpoints (no pickled code runs). Needs the [sam]
-extra (`pip install 'clip-audit[sam]'`).
+extra (`pip install 'clip-audit[sam]'`). Under `--engine onnx` (and `auto` with onnxruntime
+installed) the encoder and decoder run on ONNX Runtime (`auditor.oracle.sam_engine`).
 """
 
 from __future__ import annotations
@@ -52,13 +53,33 @@ def load_sam(checkpoint: Path) -> tuple[Any, str]:
 
 
 class SamOracle:
+    """SAM's automatic mask generator; with `runtime` "onnx" its networks run on ONNX Runtime.
+
+    The engines are built once per checkpoint (checked on masks against PyTorch SAM, on
+    `probe_image` when given) and checked again when opened (`auditor.oracle.sam_engine`).
+    """
+
     name = "sam"
 
-    def __init__(self, checkpoint: Path, points_per_side: int = 16) -> None:
+    def __init__(
+        self,
+        checkpoint: Path,
+        points_per_side: int = 16,
+        runtime: str = "torch",
+        engine_dir: Path | None = None,
+        probe_image: np.ndarray | None = None,
+    ) -> None:
         from segment_anything import SamAutomaticMaskGenerator
 
         model, self.model_type = load_sam(checkpoint)
         self.generator = SamAutomaticMaskGenerator(model, points_per_side=points_per_side)
+        self.runtime = runtime
+        if runtime != "torch":
+            from auditor.oracle.sam_engine import open_engine_predictor
+
+            self.generator.predictor = open_engine_predictor(
+                model, self.model_type, checkpoint, runtime, engine_dir, probe_image
+            )
 
     def segments(self, image: np.ndarray) -> list[Segment]:
         import torch

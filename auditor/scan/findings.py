@@ -174,6 +174,8 @@ def build_report(
             # Additive: what ran the bulk scoring; the decisive steps always run in fp32.
             "engine": ctx.scorer.image_runner.provider,
             "bulk_precision": ctx.scorer.image_runner.precision,
+            # Additive: which oracle segmented, and on what ("sam on onnx", "classic on scikit-image").
+            "oracle": f"{ctx.oracle.name} on {ctx.oracle.runtime}",
         },
         model=ModelInfo(
             str(ctx.loaded.path),

@@ -71,7 +71,18 @@ def test_fp16_on_a_cpu_is_exit_3_before_anything_is_built(test_data, tmp_path, c
 
 
 def test_bench_measures_every_engine_side_by_side(test_data, tmp_path, capsys):
-    args = ["bench", *MODEL, "--engines", "onnx,onnx-int8", "--batch", "1,4", "--repeats", "2"]
+    args = [
+        "bench",
+        *MODEL,
+        "--engines",
+        "onnx,onnx-int8",
+        "--batch",
+        "1,4",
+        "--repeats",
+        "3",
+        "--oracle-images",
+        "3",
+    ]
     assert run([*args, "--data", str(test_data), "--engine-dir", str(tmp_path), "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     rows = {(r["engine"], r["batch"]): r for r in result["throughput"]}
@@ -81,6 +92,19 @@ def test_bench_measures_every_engine_side_by_side(test_data, tmp_path, capsys):
         assert row["provider"] == ("torch-cpu" if engine == "torch" else "CPUExecutionProvider")
         expected = rows[("torch", row["batch"])]["median_seconds"] / row["median_seconds"]
         assert row["speedup_vs_torch"] == pytest.approx(expected, rel=0.02)
+        # Latency per call: the median is the same measurement as median_seconds.
+        assert row["p50_ms"] == pytest.approx(1000 * row["median_seconds"], abs=0.02)
+        assert row["p95_ms"] >= row["p50_ms"]
+    # One image at a time: the classic oracle, and Algorithm 1 with its crops scored on each engine.
+    per_image = {r["engine"]: r for r in result["per_image"]}
+    assert set(per_image) == {"torch", "onnx", "onnx-int8"}
+    for row in per_image.values():
+        assert row["oracle"] == "classic on scikit-image" and row["images"] == 3
+        assert (
+            0 < row["oracle_p50_ms"] <= row["oracle_p95_ms"]
+            and 0 < row["check_p50_ms"] <= row["check_p95_ms"]
+        )
+        assert row["scorings"] >= 1  # every test scene holds objects whose crops are scored
     assert result["checks"]["onnx"]["image_min_cosine"] >= 0.9999
     assert result["checks"]["onnx-int8"]["top1_agreement"] >= 0.99
     assert run([*args, "--engines", "onnx,warp-drive"]) == 2
@@ -121,11 +145,11 @@ def test_sam_encoder_and_decoder_export_with_parity(tiny_sam, tmp_path, test_dat
     import torch
     from PIL import Image
 
-    from auditor.runtime import build_sam_engines, check_sam_engines
+    from auditor.oracle.sam_engine import build_sam_engines, check_sam_engines
     from engines.runners import OnnxRuntimeRunner
 
     engines = build_sam_engines(tiny_sam, "tiny", "0" * 64, tmp_path)
-    assert set(engines.files) == {"encoder", "decoder"}
+    assert set(engines.files) == {"encoder", "decoder", "parity"}
     image = np.asarray(Image.open(next(test_data.rglob("*.png"))).convert("RGB"))
     numbers, provider = check_sam_engines(tiny_sam, engines, image)
     assert provider == "CPUExecutionProvider"
@@ -159,7 +183,7 @@ def test_sam_encoder_and_decoder_export_with_parity(tiny_sam, tmp_path, test_dat
 def test_sam_parity_failure_is_an_error(tiny_sam, tmp_path):
     import torch
 
-    from auditor.runtime import build_sam_engines, check_sam_engines
+    from auditor.oracle.sam_engine import build_sam_engines, check_sam_engines
     from engines import EngineError
 
     engines = build_sam_engines(tiny_sam, "tiny", "1" * 64, tmp_path)
@@ -171,6 +195,80 @@ def test_sam_parity_failure_is_an_error(tiny_sam, tmp_path):
     finally:
         with torch.no_grad():
             tiny_sam.mask_decoder.iou_prediction_head.layers[-1].bias.sub_(0.5)
+
+
+def test_sam_mask_resize_is_sams_postprocess(tiny_sam):
+    import torch
+
+    from auditor.oracle.sam_engine import resize_matrix
+
+    low = torch.randn(4, 3, 32, 32)
+    # Square, landscape and portrait images, upscaled and downscaled (input frame -> image).
+    for input_size, image_size in (((128, 128), (64, 64)), ((128, 96), (224, 168)), ((96, 128), (60, 80))):
+        expected = tiny_sam.postprocess_masks(low, input_size, image_size)
+        rows = resize_matrix(32, 128, input_size[0], image_size[0])
+        cols = resize_matrix(32, 128, input_size[1], image_size[1])
+        assert torch.allclose(rows @ low @ cols.T, expected, atol=1e-5)
+
+
+def test_sam_engine_masks_match_pytorch_sam(tiny_sam, tmp_path, test_data):
+    import torch
+    from PIL import Image
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from auditor.oracle import tidy_segments
+    from auditor.oracle.sam_engine import _runners, build_sam_engines, engine_predictor, stored_mask_parity
+
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(test_data.rglob("*.png"))[:4]]
+    engines = build_sam_engines(tiny_sam, "tiny", "2" * 64, tmp_path, images)
+    built = stored_mask_parity(engines)  # measured when the pair was built, before it was cached
+    assert built.images == 4 and built.prompts == 4 * 64
+    assert built.mean_mask_iou >= 0.95 and built.torch_segments > 0
+    assert abs(built.engine_segments - built.torch_segments) <= 0.05 * built.torch_segments
+    # The scan's own generator settings (quality filters on), image by image.
+    settings = {"points_per_side": 8, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.5}
+    reference = SamAutomaticMaskGenerator(tiny_sam, **settings)
+    candidate = SamAutomaticMaskGenerator(tiny_sam, **settings)
+    with _runners(engines.files) as (encoder, decoder), torch.inference_mode():
+        candidate.predictor = engine_predictor(tiny_sam, encoder, decoder)
+        for image in images:
+            ours, theirs = ([m["segmentation"] for m in g.generate(image)] for g in (candidate, reference))
+            assert len(ours) == len(theirs)
+            for a, b in zip(tidy_segments(ours), tidy_segments(theirs), strict=True):
+                assert (a.mask & b.mask).sum() >= 0.95 * (a.mask | b.mask).sum()
+
+
+def test_sam_engines_that_change_masks_are_not_cached(tiny_sam, tmp_path):
+    import torch
+
+    from auditor.oracle import sam_engine
+    from engines import EngineError
+
+    export = sam_engine._export_sam
+
+    flips = []
+
+    def flip_masks():  # negates every mask's logits: a decoder that no longer matches
+        flips.append(1)
+        with torch.no_grad():
+            for mlp in tiny_sam.mask_decoder.output_hypernetworks_mlps:
+                mlp.layers[-1].weight.neg_()
+                mlp.layers[-1].bias.neg_()
+
+    def export_then_drift(sam, folder):  # the graphs are written, then the model moves away
+        files = export(sam, folder)
+        flip_masks()
+        return files
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sam_engine, "_export_sam", export_then_drift)
+            with pytest.raises(EngineError, match="mask parity check failed"):
+                sam_engine.build_sam_engines(tiny_sam, "tiny", "3" * 64, tmp_path)
+        assert not any(tmp_path.iterdir())  # nothing half-built or unchecked left in the cache
+    finally:
+        if len(flips) % 2:
+            flip_masks()
 
 
 def test_export_oracle_needs_sam_weights(tmp_path, capsys):

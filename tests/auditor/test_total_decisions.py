@@ -144,6 +144,7 @@ def test_crops_and_ablations_are_images(image, data):
 
 class _FixedOracle:
     name = "fixed"
+    runtime = "test"
 
     def __init__(self, segments: list[Segment]) -> None:
         self._segments = segments

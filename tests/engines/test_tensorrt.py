@@ -187,3 +187,64 @@ def test_real_tensorrt_engines_match_pytorch(test_data, tmp_path):
             big = image.infer({"pixels": np.concatenate([probe.pixels] * 2)})["embeddings"]
         assert checks.top1_agreement is not None and checks.top1_agreement >= 0.99
         assert big.shape[0] == 2 * len(probe.pixels)  # batches above the profile are chunked
+
+
+def test_sam_decoder_profile_covers_the_generators_prompt_batches(monkeypatch, tmp_path):
+    from engines.export import sam_decoder_profile
+
+    inputs = {"image_embeddings": (1, 256, 64, 64), "point_coords": (-1, -1, 2), "point_labels": (-1, -1)}
+    fake = FakeTensorRT(inputs)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    target = tmp_path / "sam-decoder.engine"
+    build_tensorrt_engine(
+        Path("sam-decoder.onnx"), target, False, shapes=sam_decoder_profile((1, 256, 64, 64))
+    )
+    shapes = fake.calls["shapes"]
+    assert shapes["image_embeddings"] == ((1, 256, 64, 64),) * 3  # type: ignore[index]
+    # segment-anything's automatic mask generator sends 1..64 prompts of one point each.
+    assert shapes["point_coords"] == ((1, 1, 2), (64, 1, 2), (64, 1, 2))  # type: ignore[index]
+    assert shapes["point_labels"] == ((1, 1), (64, 1), (64, 1))  # type: ignore[index]
+    # Without explicit shapes, a graph with two dynamic axes is refused, not silently mis-profiled.
+    with pytest.raises(EngineError, match="only the batch axis may be dynamic"):
+        build_tensorrt_engine(Path("sam-decoder.onnx"), target, False)
+
+
+def test_sam_oracle_on_tensorrt_absent_is_exit_3_before_any_export(no_tensorrt, tmp_path, monkeypatch):
+    from auditor.oracle import sam_engine
+
+    def exported(*_args):  # the expensive ONNX export must not start
+        raise AssertionError("exported before TensorRT was found")
+
+    monkeypatch.setattr(sam_engine, "build_sam_engines", exported)
+    with pytest.raises(EngineError, match="TensorRT is not installed"):
+        sam_engine.open_engine_predictor(None, "vit_b", tmp_path / "sam.pth", "tensorrt", tmp_path, None)
+
+
+@pytest.mark.gpu
+def test_real_tensorrt_sam_matches_pytorch_sam(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("tensorrt")
+    modeling = pytest.importorskip("segment_anything.modeling")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from auditor.oracle.sam_engine import build_sam_tensorrt, check_sam_engines, stored_mask_parity
+
+    torch.manual_seed(0)
+    sam = modeling.Sam(
+        modeling.ImageEncoderViT(
+            img_size=128, patch_size=16, embed_dim=48, depth=2, num_heads=2, out_chans=32
+        ),
+        modeling.PromptEncoder(
+            embed_dim=32, image_embedding_size=(8, 8), input_image_size=(128, 128), mask_in_chans=8
+        ),
+        modeling.MaskDecoder(
+            transformer=modeling.TwoWayTransformer(depth=2, embedding_dim=32, mlp_dim=64, num_heads=2),
+            transformer_dim=32,
+        ),
+    ).eval()
+    engines = build_sam_tensorrt(sam, "tiny", "4" * 64, tmp_path)
+    assert engines.runtime == "tensorrt"
+    masks = stored_mask_parity(engines)  # measured against PyTorch SAM before it was cached
+    assert masks.passes() and masks.mean_mask_iou >= 0.95
+    numbers, provider = check_sam_engines(sam, engines)
+    assert provider == "TensorRT" and numbers["encoder_max_abs_diff"] <= 1e-4
