@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -82,19 +84,27 @@ def test_sam_oracle_runs_end_to_end_with_random_weights(tmp_path, tiny_scan_data
     report = json.loads((out / "report.json").read_text())
     assert code in (0, 1)
     assert report["cost"]["oracle_images"] == 2
+    assert report["tool"]["oracle"] == "sam on onnx"  # the default engine runs SAM's graphs too
 
 
-def test_oracle_checkpoint_required_and_fastsam_absent(tmp_path, tiny_scan_data, capsys):
+def test_oracle_checkpoint_required_and_fastsam_absent(tmp_path, tiny_scan_data, capsys, monkeypatch):
     base = ["scan", str(checkpoint_path("clean")), str(tiny_scan_data), "--arch", str(CONFIG_PATH)]
     assert run([*base, "--oracle", "sam"]) == 2
     assert "--oracle-checkpoint" in capsys.readouterr().err
-    try:
-        import ultralytics  # noqa: F401
-
-        pytest.skip("ultralytics is installed here")
-    except ImportError:
-        pass
     weights = tmp_path / "FastSAM-s.pt"
-    weights.write_bytes(b"not used")
-    assert run([*base, "--oracle", "fastsam", "--oracle-checkpoint", str(weights)]) == 3
+    weights.write_bytes(b"not a weight file")
+    fastsam = [
+        *base,
+        "--oracle",
+        "fastsam",
+        "--oracle-checkpoint",
+        str(weights),
+        "--engine-dir",
+        str(tmp_path),
+    ]
+    if importlib.util.find_spec("ultralytics") is not None:  # a file ultralytics cannot load: exit 2
+        assert run(fastsam) == 2
+        assert "not a FastSAM weight file" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ultralytics", None)  # `import ultralytics` fails: exit 3
+    assert run(fastsam) == 3
     assert "pip install ultralytics" in capsys.readouterr().err
