@@ -1,7 +1,9 @@
 """Image-tower throughput of ViT-B-32 (random weights) on PyTorch eager, ONNX Runtime fp32 and
-ONNX Runtime int8, measured side by side in one run by `clip-audit bench`'s library call.
+ONNX Runtime int8, measured side by side in one run by `clip-audit bench`'s library call, with
+p50 / p95 latency per call, and the per-image work one image at a time on each engine: the
+classic oracle and Algorithm 1 whole, on `--oracle-images` zoo scenes at the model's size.
 
-    python -m benchmarks.engines [--arch ViT-B-32] [--batches 1,32] [--repeats 7]
+    python -m benchmarks.engines [--arch ViT-B-32] [--batches 1,32] [--repeats 7] [--oracle-images 8]
                                  [--engines torch,onnx,onnx-int8] [--out benchmarks/results/engines.json]
 
 Engines are checked on zoo scenes rendered at the model's input size: fp32 by max abs diff and
@@ -18,8 +20,9 @@ import tempfile
 from pathlib import Path
 
 from auditor.bench import bench, parse_engines
-from auditor.data import open_dataset
+from auditor.data import load_image, open_dataset, pil_to_array
 from auditor.models import load_model
+from auditor.oracle.classic import ClassicOracle
 from auditor.runtime import AGREEMENT_IMAGES, make_probe
 from benchmarks.common import fp32_peak_gflops, random_checkpoint, scene_folder, write_result
 
@@ -33,6 +36,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--engines", default="torch,onnx,onnx-int8")
+    parser.add_argument("--oracle-images", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engines.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,6 +53,8 @@ def main() -> None:
             args.repeats,
             engine_dir=folder / "engines",
             progress=lambda stage, _n, _t: print(stage, file=sys.stderr),
+            images=[pil_to_array(load_image(p)) for p in sorted(data.rglob("*.png"))[: args.oracle_images]],
+            oracle_for=lambda _runtime: ClassicOracle(),
         )
     peak = fp32_peak_gflops()
     body: dict[str, object] = {
