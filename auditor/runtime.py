@@ -23,7 +23,7 @@ import numpy as np
 from auditor.data import Dataset, iter_batches
 from auditor.errors import InputError
 from auditor.models import LoadedModel
-from auditor.scoring import DEFAULT_TEMPLATES, make_scorer, torch_runners
+from auditor.scoring import DEFAULT_TEMPLATES, ZeroShotScorer, embed_classes, torch_runners
 from engines.cache import EngineKey
 from engines.runners import Runner
 
@@ -227,31 +227,43 @@ def check_engines(
 ) -> Checks:
     """Measure the engines (active runners) against PyTorch; with `enforce`, fail per precision.
 
-    fp32: max abs diff <= 1e-4 and cosine >= 0.9999 on both towers. fp16 / int8: top-1
-    zero-shot agreement with PyTorch fp32 >= 99 % on the probe, which must be real data.
-    For fp32, agreement is only measured (on real data) when `report_agreement` asks for it:
-    it embeds every class prompt twice, which a scan that discards the number need not pay.
+    fp32: max abs diff <= 1e-4 and cosine >= 0.9999 on both towers. fp16 / int8: the text
+    tower (fp32 in every pair, `tower_precision`) the same, and top-1 zero-shot agreement of
+    the image tower with PyTorch fp32 >= 99 % on the probe, which must be real data; both sides
+    of the agreement use PyTorch's class embeddings, so it measures the image tower alone (the
+    text tower is held to fp32 parity instead), and the class prompts are embedded once.
+    For fp32, agreement is only measured (on real data) when `report_agreement` asks for it.
     """
     from engines.errors import EngineError
-    from engines.validate import parity, require_agreement, require_parity, top1_agreement
+    from engines.validate import Parity, parity, require_agreement, require_parity, top1_agreement
 
     image, text = runners
     torch_image, torch_text = torch_runners(loaded)
     pixels = probe.pixels[:PARITY_IMAGES]
     prompts = [t.format(c) for c in probe.classes[:8] for t in DEFAULT_TEMPLATES[:2]]
     tokens = loaded.tokenizer(prompts).numpy()
-    measure = require_parity if enforce and precision == "fp32" else lambda _n, a, b: parity(a, b)
+
+    def measure_only(_name: str, reference: np.ndarray, candidate: np.ndarray) -> Parity:
+        return parity(reference, candidate)
+
+    measure_image = require_parity if enforce and precision == "fp32" else measure_only
+    measure_text = (
+        require_parity if enforce and tower_precision("text", precision) == "fp32" else measure_only
+    )
     with torch_image, torch_text:
         reference_image = torch_image.infer({"pixels": pixels})["embeddings"]
-        image_parity = measure("image tower", reference_image, image.infer({"pixels": pixels})["embeddings"])
+        image_parity = measure_image(
+            "image tower", reference_image, image.infer({"pixels": pixels})["embeddings"]
+        )
         reference_text = torch_text.infer({"tokens": tokens})["embeddings"]
-        text_parity = measure("text tower", reference_text, text.infer({"tokens": tokens})["embeddings"])
+        text_parity = measure_text("text tower", reference_text, text.infer({"tokens": tokens})["embeddings"])
         agreement = None
         if precision != "fp32" or (probe.real and report_agreement):
             if enforce and not probe.real:
                 raise EngineError(f"{precision} engines are checked on real data: none was given")
-            reference = _logits(loaded, torch_image, torch_text, probe)
-            candidate = _logits(loaded, image, text, probe)
+            class_weights = embed_classes(torch_text, loaded.tokenizer, probe.classes)
+            reference = _logits(loaded, torch_image, class_weights, probe)
+            candidate = _logits(loaded, image, class_weights, probe)
             name = f"{precision} engines vs PyTorch fp32"
             if enforce and precision != "fp32":
                 agreement = require_agreement(name, reference, candidate)
@@ -267,9 +279,9 @@ def check_engines(
     )
 
 
-def _logits(loaded: LoadedModel, image: Runner, text: Runner, probe: Probe) -> np.ndarray:
-    """Zero-shot logits float32 (n, C) of the probe's pixels through one pair of runners."""
-    scorer = make_scorer(loaded, probe.classes, image, text)
+def _logits(loaded: LoadedModel, image: Runner, class_weights: np.ndarray, probe: Probe) -> np.ndarray:
+    """Zero-shot logits float32 (n, C) of the probe's pixels through `image` and the class embeddings."""
+    scorer = ZeroShotScorer(image, class_weights, loaded.logit_scale)
     starts = range(0, len(probe.pixels), 64)
     return np.concatenate([scorer.logits(probe.pixels[i : i + 64])[1] for i in starts])
 

@@ -240,10 +240,27 @@ def fastsam_parity(model: Any, engine: FastSamEngine, images: list[np.ndarray]) 
     return FastSamParity(len(images), counts[0], counts[1], mean_iou, max(box_diffs))
 
 
+def import_ultralytics() -> Any:
+    """The `ultralytics` package, imported without the global patch it applies to PIL.
+
+    Importing it replaces `PIL.Image.open` process-wide with an opener that, on a file PIL
+    cannot identify, pip-installs a HEIF plugin (network at run time) and then fails with an
+    import error: a corrupt image in DATA would stop the scan instead of being skipped.
+    """
+    from PIL import Image
+
+    original = Image.open
+    try:
+        import ultralytics
+    finally:
+        Image.open = original
+    return ultralytics
+
+
 def load_ultralytics(checkpoint: Path) -> Any:
     """ultralytics' FastSAM on a weight file (an ultralytics pickle: pass only files you trust)."""
     try:
-        from ultralytics import FastSAM
+        FastSAM = import_ultralytics().FastSAM
     except ImportError as exc:
         from auditor.errors import EnvironmentProblem
 
@@ -304,17 +321,20 @@ def _export(checkpoint: Path, folder: Path) -> Path:
     its chatter goes to the log at warning level, never to stdout, where reports are written."""
     import logging
 
-    from ultralytics.utils import LOGGER
-
     staged = Path(shutil.copyfile(checkpoint, folder / "fastsam.pt"))
-    level = LOGGER.level
-    LOGGER.setLevel(logging.WARNING)
     try:
-        exported = load_ultralytics(staged).export(
-            format="onnx", imgsz=INPUT_SIZE, dynamic=True, simplify=False, device="cpu"
-        )
+        model = load_ultralytics(staged)  # imports ultralytics without its PIL patch, or exit 3
+        from ultralytics.utils import LOGGER
+
+        level = LOGGER.level
+        LOGGER.setLevel(logging.WARNING)
+        try:
+            exported = model.export(
+                format="onnx", imgsz=INPUT_SIZE, dynamic=True, simplify=False, device="cpu"
+            )
+        finally:
+            LOGGER.setLevel(level)
     finally:
-        LOGGER.setLevel(level)
         staged.unlink()
     return Path(exported)
 

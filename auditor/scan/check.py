@@ -14,7 +14,8 @@ unexpected error on one image is recorded in the scan's failures and the others 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -110,8 +111,7 @@ def denoise(image: np.ndarray) -> np.ndarray:
     return np.asarray(median_filter(image, size=(3, 3, 1)), dtype=np.uint8)
 
 
-def _views(index: int, image: np.ndarray, probs: np.ndarray, oracle: Oracle) -> _Views:
-    segments = oracle.segments(image)
+def _views(index: int, image: np.ndarray, probs: np.ndarray, segments: list[Segment]) -> _Views:
     small = [s for s in segments if 0 < s.area <= SMALL_AREA]
     # A crop is the object's box, so objects with the same box (one region found at several
     # scales) give the same crop and the same vote: one of them is scored.
@@ -251,12 +251,14 @@ def check_images(
     score: ScoreFn,
     label_objects: ScoreFn | None = None,
     confidence: float = OBJECT_CONFIDENCE,
+    segmented: Mapping[int, list[Segment]] | None = None,
 ) -> list[ImageCheck]:
     """Algorithm 1 on several images at once, their crops and ablations scored in batches.
 
     `items`: (data index, uint8 RGB image (H, W, 3), CLIP's probabilities float32 (C,)).
     `label_objects` (a trusted reference model) labels the object crops; default: `score`.
     `confidence`: the probability at which an object crop names a label (`object_confidence`).
+    `segmented`: the oracle's segments of some images already (data index -> segments).
 
     Pass 1 scores every object's crop and searches the small segments' ablations coarse to fine
     (`AblationSearch`). A small segment whose ablation flips the prediction is a *tentative*
@@ -266,7 +268,11 @@ def check_images(
     the prediction, but to nothing that is in the image.
     """
     labeler = label_objects or score
-    views = [_views(index, image, probs, oracle) for index, image, probs in items]
+    segmented = segmented or {}
+    views = [
+        _views(index, image, probs, segmented[index] if index in segmented else oracle.segments(image))
+        for index, image, probs in items
+    ]
     n_classes = items[0][2].size if items else 0
     crops = _split(labeler([c for v in views for c in v.crops]), [len(v.crops) for v in views], n_classes)
     searches = [AblationSearch(item[1], v.small, v.probs) for v, item in zip(views, items, strict=True)]
@@ -385,35 +391,87 @@ def run_checks(
     """Algorithm 1 on `indices`, CHUNK images at a time, into `checks` (data index -> check).
 
     A chunk found in `cache` is not recomputed, and neither are the images that failed in it,
-    unless `retry_failed`.
+    unless `retry_failed`. The next chunk to compute is decoded and segmented (`SegmentAhead`)
+    while the current one is scored.
     """
-    for start in range(0, len(indices), CHUNK):
-        part = indices[start : start + CHUNK]
-        cached = cache.load_checks(part) if cache else None
-        if cached is not None and cached[1] and retry_failed:
-            cached = None
-        if cached is None:
-            before = ctx.images_scored
-            found, failed = _check_chunk(ctx, part, probs)
-            ctx.oracle_scored += ctx.images_scored - before
-            if cache:
-                cache.save_checks(part, found, ctx.images_scored - before, failed)
-        else:
-            found, failed = cached
-            ctx.failures.extend(failed)
-        for check in found:
-            checks[check.index] = check
-        advance(len(part))
+    parts = [indices[start : start + CHUNK] for start in range(0, len(indices), CHUNK)]
+    found_in_cache = [cache.load_checks(part) if cache else None for part in parts]
+    if retry_failed:
+        found_in_cache = [None if c is not None and c[1] else c for c in found_in_cache]
+    to_compute = [k for k, cached in enumerate(found_in_cache) if cached is None]
+    following = dict(zip(to_compute, to_compute[1:], strict=False))  # chunk -> the next one to compute
+    with SegmentAhead(ctx) as ahead:
+        for k, (part, cached) in enumerate(zip(parts, found_in_cache, strict=True)):
+            if cached is None:
+                ahead.request(part + (parts[following[k]] if k in following else []))
+                before = ctx.images_scored
+                found, failed = _check_chunk(ctx, part, probs, ahead)
+                ahead.forget(part)
+                ctx.oracle_scored += ctx.images_scored - before
+                if cache:
+                    cache.save_checks(part, found, ctx.images_scored - before, failed)
+            else:
+                found, failed = cached
+                ctx.failures.extend(failed)
+            for check in found:
+                checks[check.index] = check
+            advance(len(part))
+
+
+class SegmentAhead:
+    """Decodes and segments data images in one worker thread, ahead of the scoring that needs them.
+
+    On a 2-core machine the classic oracle's segmentation (single-threaded scikit-image, ~80 ms
+    per 224-px image) and the engine's scoring of the previous chunk then overlap instead of
+    taking turns. Every oracle call of a scan's Algorithm 1 goes through this one worker, so an
+    oracle that is not thread-safe (SAM's predictor holds the current image) is never entered
+    twice at once. A failure (an undecodable image, an oracle error) is raised where the
+    result is asked for, image by image, as before.
+    """
+
+    def __init__(self, ctx: ScanContext) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.ctx = ctx
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="segment-ahead")
+        self.pending: dict[int, Future[tuple[np.ndarray, list[Segment]]]] = {}
+
+    def request(self, indices: list[int]) -> None:
+        for index in indices:
+            if index not in self.pending:
+                self.pending[index] = self.worker.submit(self._segment, index)
+
+    def _segment(self, index: int) -> tuple[np.ndarray, list[Segment]]:
+        image = self.ctx.image(index)
+        return image, self.ctx.oracle.segments(image)
+
+    def get(self, index: int) -> tuple[np.ndarray, list[Segment]]:
+        """Image `index` (uint8 RGB) and its segments, waiting for the worker if needed."""
+        self.request([index])
+        return self.pending[index].result()
+
+    def forget(self, indices: list[int]) -> None:
+        for index in indices:
+            self.pending.pop(index, None)
+
+    def __enter__(self) -> SegmentAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # On an error or Ctrl-C, do not wait for the image being segmented (SAM: seconds).
+        self.worker.shutdown(wait=exc[0] is None, cancel_futures=True)
 
 
 def _check_chunk(
-    ctx: ScanContext, part: list[int], probs: dict[int, np.ndarray]
+    ctx: ScanContext, part: list[int], probs: dict[int, np.ndarray], ahead: SegmentAhead
 ) -> tuple[list[ImageCheck], list[FailureInfo]]:
     """Algorithm 1 on a chunk; if it raises, image by image, recording the ones that fail."""
 
     def check(indices: list[int]) -> list[ImageCheck]:
-        items = [(i, ctx.image(i), probs[i]) for i in indices]
-        return check_images(items, ctx.oracle, ctx.score, ctx.label_objects, ctx.object_confidence)
+        ready = {i: ahead.get(i) for i in indices}
+        items = [(i, ready[i][0], probs[i]) for i in indices]
+        segmented = {i: ready[i][1] for i in indices}
+        return check_images(items, ctx.oracle, ctx.score, ctx.label_objects, ctx.object_confidence, segmented)
 
     try:
         return check(part), []

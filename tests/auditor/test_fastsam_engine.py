@@ -10,6 +10,7 @@ ultralytics' 0.25 confidence and NMS, as on a real image.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -21,17 +22,19 @@ from auditor.zoo.build import CONFIG_PATH, checkpoint_path
 from auditor.zoo.scenes import balanced_labels, render_scenes
 from tests.helpers import save_png
 
-pytest.importorskip("ultralytics")
+if importlib.util.find_spec("ultralytics") is None:
+    pytest.skip("ultralytics is not installed", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
 def random_fastsam(tmp_path_factory):
     import torch
     import yaml
-    from ultralytics import YOLO
-    from ultralytics.nn.tasks import yaml_model_load
 
-    from auditor.oracle.fastsam_engine import letterbox
+    from auditor.oracle.fastsam_engine import import_ultralytics, letterbox
+
+    YOLO = import_ultralytics().YOLO  # not `import ultralytics`: it patches PIL for the whole process
+    from ultralytics.nn.tasks import yaml_model_load
 
     folder = tmp_path_factory.mktemp("fastsam")
     config = yaml_model_load("yolov8s-seg.yaml") | {"nc": 1}
@@ -85,6 +88,15 @@ def test_oracle_on_onnx_gives_ultralytics_segments(random_fastsam, scenes, tmp_p
         assert len(ours) == len(theirs)
         for a, b in zip(ours, theirs, strict=True):
             assert (a.mask & b.mask).sum() >= 0.95 * (a.mask | b.mask).sum()
+
+
+def test_importing_ultralytics_leaves_pil_alone(random_fastsam, tmp_path):
+    from PIL import Image, UnidentifiedImageError
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(UnidentifiedImageError):  # not a pip install of a HEIF plugin
+        Image.open(broken)
 
 
 def test_scan_on_the_fastsam_engine_needs_ultralytics_only_to_export(random_fastsam, tmp_path, monkeypatch):
