@@ -4,6 +4,9 @@ Each engine gets the same seeded float32 pixels; for every batch size the engine
 a measurement is the median wall time of `repeats` calls after one warm-up. PyTorch eager is
 always measured: speedups are against it, in the same run. Every engine is also checked against
 PyTorch (`auditor.runtime.check_engines`, reported, not enforced: a benchmark shows the numbers).
+Each row also carries p50 / p95 per call (at batch 1: the latency a pipeline sees). With an oracle,
+`per_image_latency` times the scan's per-image work one image at a time on each engine: the
+segmentation alone, and Algorithm 1 whole (`auditor.scan.check.check_images`).
 """
 
 from __future__ import annotations

@@ -29,12 +29,15 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from auditor.oracle import tidy_segments
 from auditor.runtime import Engines
+
+if TYPE_CHECKING:
+    from engines.cache import EngineKey
 
 MIN_MASK_IOU = 0.95
 MAX_SEGMENT_COUNT_CHANGE = 0.05
@@ -42,10 +45,12 @@ PARITY_POINTS_PER_SIDE = 8  # the build-time mask check's prompt grid (64 prompt
 
 
 def resize_matrix(low: int, padded: int, valid: int, size: int) -> Any:
-    """float32 (size, low): bilinear low -> padded, keep the first `valid`, bilinear valid -> size.
+    """float32 tensor (size, low): bilinear low -> padded, keep the first `valid`, bilinear valid -> size.
 
     One axis of `Sam.postprocess_masks` (align_corners=False both times, as there), as a matrix:
-    `rows @ mask @ cols.T` equals that function on a (low, low) mask up to float rounding.
+    `rows @ mask @ cols.T` equals that function on a (low, low) mask up to float rounding. Made
+    with torch's own interpolation of unit signals, so its rounding is SAM's (within 1e-6; the
+    numpy `linear_resize` product differs by up to 1e-5).
     """
     import torch
     import torch.nn.functional as F
@@ -225,21 +230,12 @@ def build_sam_engines(
     A new pair is checked on masks before it enters the cache (`mask_parity` on `probe_images`,
     uint8 RGB, or one seeded noise image); its numbers are the entry's `parity` file.
     """
-    from engines.cache import EngineCache, EngineKey, runtime_versions
-
-    key = EngineKey(
-        checkpoint_sha256=checkpoint_sha256,
-        arch=f"sam_{kind}",
-        arch_config_sha256=hashlib.sha256(kind.encode()).hexdigest(),
-        precision="fp32",
-        runtime="onnxruntime",
-        versions=tuple(sorted(runtime_versions().items())),
-    )
+    from engines.cache import EngineCache
 
     def build(folder: Path) -> dict[str, Path]:
         return _with_mask_check(sam, _export_sam(sam, folder), "onnx", folder, probe_images)
 
-    files, hit = EngineCache(engine_dir).get_or_build(key, build)
+    files, hit = EngineCache(engine_dir).get_or_build(_key(kind, checkpoint_sha256, "onnx"), build)
     return Engines("onnx", "fp32", files, hit)
 
 
@@ -256,18 +252,10 @@ def build_sam_tensorrt(
     automatic mask generator sends). The pair is mask-checked against PyTorch SAM like the ONNX
     one before it is cached.
     """
-    from engines.cache import EngineCache, EngineKey, runtime_versions
+    from engines.cache import EngineCache
     from engines.export import build_tensorrt_engine, sam_decoder_profile
 
     source = build_sam_engines(sam, kind, checkpoint_sha256, engine_dir, probe_images).files
-    key = EngineKey(
-        checkpoint_sha256=checkpoint_sha256,
-        arch=f"sam_{kind}",
-        arch_config_sha256=hashlib.sha256(kind.encode()).hexdigest(),
-        precision="fp32",
-        runtime="tensorrt",
-        versions=tuple(sorted(runtime_versions("tensorrt").items())),
-    )
     prompts = sam.prompt_encoder
     embeddings = (1, prompts.embed_dim, *prompts.image_embedding_size)
 
@@ -283,8 +271,22 @@ def build_sam_tensorrt(
         }
         return _with_mask_check(sam, files, "tensorrt", folder, probe_images)
 
-    files, hit = EngineCache(engine_dir).get_or_build(key, build)
+    files, hit = EngineCache(engine_dir).get_or_build(_key(kind, checkpoint_sha256, "tensorrt"), build)
     return Engines("tensorrt", "fp32", files, hit)
+
+
+def _key(kind: str, checkpoint_sha256: str, runtime: str) -> EngineKey:
+    """The engine-cache key of a SAM checkpoint's fp32 graphs on `runtime` ("onnx" / "tensorrt")."""
+    from engines.cache import EngineKey, runtime_versions
+
+    return EngineKey(
+        checkpoint_sha256=checkpoint_sha256,
+        arch=f"sam_{kind}",
+        arch_config_sha256=hashlib.sha256(kind.encode()).hexdigest(),
+        precision="fp32",
+        runtime="onnxruntime" if runtime == "onnx" else runtime,
+        versions=tuple(sorted(runtime_versions(runtime).items())),
+    )
 
 
 def _with_mask_check(
