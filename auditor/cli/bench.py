@@ -1,4 +1,5 @@
-"""`clip-audit bench`: image-tower throughput per engine and batch size, against PyTorch eager."""
+"""`clip-audit bench`: image-tower throughput and latency per engine and batch size, and the per-image
+check one image at a time, against PyTorch eager."""
 
 from __future__ import annotations
 
@@ -11,12 +12,6 @@ import click
 from rich.table import Table
 
 from auditor.cli.console import state
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from auditor.data import Dataset
-    from auditor.oracle import Oracle
 from auditor.cli.options import (
     arch_option,
     classes_option,
@@ -27,6 +22,12 @@ from auditor.cli.options import (
     probe_data_option,
     table_or_json_option,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from auditor.data import Dataset
+    from auditor.oracle import Oracle
 
 
 def _batches(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int]:

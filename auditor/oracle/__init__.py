@@ -98,19 +98,6 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
-def linear_resize(source: int, target: int) -> np.ndarray:
-    """float32 (target, source): bilinear resizing of one axis, half-pixel centres, no antialiasing
-    (what torch's `interpolate(mode="bilinear", align_corners=False)` does)."""
-    centres = np.clip((np.arange(target) + 0.5) * source / target - 0.5, 0, None)
-    low = np.minimum(np.floor(centres).astype(np.int64), source - 1)
-    high = np.minimum(low + 1, source - 1)
-    weight = (centres - low).astype(np.float32)
-    matrix = np.zeros((target, source), np.float32)
-    np.add.at(matrix, (np.arange(target), low), 1 - weight)
-    np.add.at(matrix, (np.arange(target), high), weight)
-    return matrix
-
-
 def make_oracle(
     kind: str,
     checkpoint: Path | None = None,

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from auditor.oracle import Segment, linear_resize, tidy_segments
+from auditor.oracle import Segment, tidy_segments
 
 INPUT_SIZE = 640
 CONFIDENCE, NMS_IOU, MAX_MASKS = 0.25, 0.7, 300
@@ -39,7 +39,7 @@ MIN_MASK_IOU = 0.95
 
 @dataclass(frozen=True)
 class Letterbox:
-    """Where the image sits in the square input: its scaled size and the padding before it."""
+    """Where the image sits in the network's input: its scaled size and the padding before it."""
 
     height: int  # the image's own size
     width: int
@@ -96,6 +96,19 @@ def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, iou: float, keep_
         overlap = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
         order = rest[overlap / (areas[best] + areas[rest] - overlap + 1e-9) <= iou]
     return np.asarray(kept, np.int64)
+
+
+def linear_resize(source: int, target: int) -> np.ndarray:
+    """float32 (target, source): bilinear resizing of one axis, half-pixel centres, no antialiasing
+    (what torch's `interpolate(mode="bilinear", align_corners=False)` does)."""
+    centres = np.clip((np.arange(target) + 0.5) * source / target - 0.5, 0, None)
+    low = np.minimum(np.floor(centres).astype(np.int64), source - 1)
+    high = np.minimum(low + 1, source - 1)
+    weight = (centres - low).astype(np.float32)
+    matrix = np.zeros((target, source), np.float32)
+    np.add.at(matrix, (np.arange(target), low), 1 - weight)
+    np.add.at(matrix, (np.arange(target), high), weight)
+    return matrix
 
 
 def _mask_axes(prototypes: tuple[int, int], frame: Letterbox) -> tuple[np.ndarray, np.ndarray]:
@@ -195,9 +208,8 @@ class FastSamParity:
 
 def ultralytics_masks(model: Any, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(boxes (n, 4), masks bool (n, H, W)) from ultralytics' own FastSAM predictor on RGB `image`."""
-    result = model(np.ascontiguousarray(image[..., ::-1]), retina_masks=True, verbose=False)[
-        0
-    ]  # it reads BGR
+    bgr = np.ascontiguousarray(image[..., ::-1])  # ultralytics reads arrays as BGR
+    result = model(bgr, retina_masks=True, verbose=False)[0]
     if result.masks is None:
         height, width = image.shape[:2]
         return np.zeros((0, 4), np.float32), np.zeros((0, height, width), bool)

@@ -50,7 +50,7 @@ def resize_matrix(low: int, padded: int, valid: int, size: int) -> Any:
     One axis of `Sam.postprocess_masks` (align_corners=False both times, as there), as a matrix:
     `rows @ mask @ cols.T` equals that function on a (low, low) mask up to float rounding. Made
     with torch's own interpolation of unit signals, so its rounding is SAM's (within 1e-6; the
-    numpy `linear_resize` product differs by up to 1e-5).
+    numpy `fastsam_engine.linear_resize` product differs by up to 1e-5).
     """
     import torch
     import torch.nn.functional as F
@@ -373,9 +373,15 @@ def check_sam_engines(
 ) -> tuple[dict[str, float], str]:
     """fp32 parity of SAM's encoder and decoder with PyTorch on one image (uint8 RGB) or noise.
 
-    Returns the measured numbers and the ONNX Runtime provider that ran them; a failure is an
-    EngineError (exit 3) with the numbers.
+    Returns the measured numbers and the provider that ran them; a failure is an EngineError
+    (exit 3) with the numbers.
     """
+    with _runners(engines.files, engines.runtime) as (encoder, decoder):
+        return _check_pair(sam, encoder, decoder, image), encoder.provider
+
+
+def _check_pair(sam: Any, encoder: Any, decoder: Any, image: np.ndarray | None) -> dict[str, float]:
+    """`check_sam_engines` on an already active encoder and decoder: the measured numbers."""
     import torch
     from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -390,12 +396,10 @@ def check_sam_engines(
     with torch.no_grad():
         embeddings = sam.image_encoder(pixels)
         masks, iou = sam_decoder(sam)(embeddings, torch.from_numpy(coords), torch.from_numpy(labels))
-    with _runners(engines.files, engines.runtime) as (encoder, decoder):
-        onnx_embeddings = encoder.infer({"pixels": pixels.numpy()})["embeddings"]
-        decoded = decoder.infer(
-            {"image_embeddings": embeddings.numpy(), "point_coords": coords, "point_labels": labels}
-        )
-        provider = encoder.provider
+    onnx_embeddings = encoder.infer({"pixels": pixels.numpy()})["embeddings"]
+    decoded = decoder.infer(
+        {"image_embeddings": embeddings.numpy(), "point_coords": coords, "point_labels": labels}
+    )
     numbers = {}
     for name, reference, candidate in (
         ("encoder", embeddings.numpy().reshape(1, -1), onnx_embeddings.reshape(1, -1)),
@@ -405,7 +409,7 @@ def check_sam_engines(
         measured = require_parity(f"SAM {name}", reference, candidate)
         numbers[f"{name.replace(' ', '_')}_max_abs_diff"] = measured.max_abs_diff
         numbers[f"{name.replace(' ', '_')}_min_cosine"] = measured.min_cosine
-    return numbers, provider
+    return numbers
 
 
 def open_engine_predictor(
@@ -427,5 +431,6 @@ def open_engine_predictor(
     probes = [probe_image] if probe_image is not None else None
     build = build_sam_tensorrt if runtime == "tensorrt" else build_sam_engines
     engines = build(sam, kind, sha256_file(checkpoint), engine_dir, probes)
-    check_sam_engines(sam, engines, probe_image)
-    return engine_predictor(sam, *_open_pair(engines.files, engines.runtime))
+    encoder, decoder = _open_pair(engines.files, engines.runtime)  # opened once: checked, then kept
+    _check_pair(sam, encoder, decoder, probe_image)
+    return engine_predictor(sam, encoder, decoder)
