@@ -95,6 +95,19 @@ def open_dataset(path: str | os.PathLike[str], classes_file: str | os.PathLike[s
     return dataset
 
 
+def open_image_folder(path: str | os.PathLike[str], classes: list[str]) -> Dataset:
+    """Every image under the folder `path` (any layout, labels ignored), with the vocabulary `classes`.
+
+    For images whose labels do not matter: the model-level search's `--inversion-data`.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder of images")
+    dataset = _open_flat(root, classes)
+    _check_usable(dataset)
+    return dataset
+
+
 def read_classes(path: Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

@@ -31,8 +31,9 @@ import numpy as np
 from auditor.attacks import Attack
 from auditor.data import Dataset, ImageDecodeError, load_image, pil_to_array
 from auditor.errors import InputError
+from auditor.inversion.search import stamp_image
 from auditor.models import LoadedModel
-from auditor.report import Report
+from auditor.report import FindingInfo, Report
 from auditor.scan.check import ablate_segment
 from auditor.scan.confirm import add_overlay
 from auditor.scan.trigger import Prototype, box_mask, paste
@@ -90,6 +91,7 @@ class RepairTarget:
     label: str
     trigger: Prototype | None
     overlay: np.ndarray | None = None
+    stamp: np.ndarray | None = None  # a trigger the model-level search recovered: uint8 RGBA (S, S, 4)
 
 
 @dataclass(frozen=True)
@@ -102,10 +104,12 @@ class ScanOutputs:
     trigger: Prototype | None  # the recovered trigger and the boxes it was seen at
     overlay: np.ndarray | None = None  # a non-localized trigger's estimate, float32 (H, W, 3)
     more: tuple[RepairTarget, ...] = ()
+    stamp: np.ndarray | None = None  # an inverted trigger (evidence "inversion"), uint8 RGBA (S, S, 4)
 
     def targets(self) -> tuple[RepairTarget, ...]:
         """Every confirmed target, the strongest first."""
-        return (RepairTarget(self.report.target_labels[0], self.trigger, self.overlay), *self.more)
+        first = RepairTarget(self.report.target_labels[0], self.trigger, self.overlay, self.stamp)
+        return (first, *self.more)
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,14 @@ def load_scan_outputs(report_path: Path) -> ScanOutputs:
     if report.compact_set is None:
         raise InputError(f"{report_path}: the report lists no compact set")
     compact = _read_compact(folder / report.compact_set.path)
+    if report.findings and report.findings[0].evidence_source == "inversion":
+        return ScanOutputs(
+            report,
+            compact,
+            None,
+            more=_inverted(folder, report, 1),
+            stamp=_read_stamp(folder, report.findings[0]),
+        )
     trigger = None
     if report.trigger.image:
         # The strongest finding's own victims when the report lists findings (schema v1 reports
@@ -195,6 +207,28 @@ def load_scan_outputs(report_path: Path) -> ScanOutputs:
         for finding in report.findings[1:]
     )
     return ScanOutputs(report, compact, trigger, overlay, more)
+
+
+def _inverted(folder: Path, report: Report, start: int) -> tuple[RepairTarget, ...]:
+    """The findings from `start` on that only the model-level search found, with their stamps."""
+    return tuple(
+        RepairTarget(f.target, None, stamp=_read_stamp(folder, f))
+        for f in report.findings[start:]
+        if f.evidence_source == "inversion"
+    )
+
+
+def _read_stamp(folder: Path, finding: FindingInfo) -> np.ndarray | None:
+    """An inverted trigger's RGBA PNG as uint8 (S, S, 4) (alpha = mask)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not finding.trigger_image:
+        return None
+    try:
+        with Image.open(folder / finding.trigger_image) as image:
+            return np.asarray(image.convert("RGBA"))
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InputError(f"{folder / finding.trigger_image}: not a readable trigger image ({exc})") from None
 
 
 def _read_trigger(path: Path, report: Report, victims: set[str] | None) -> Prototype | None:
@@ -293,6 +327,8 @@ def make_holdout(
             pasted = [paste(x, aim.trigger, boxes[int(rng.integers(len(boxes)))]) for x in others]
         elif aim.overlay is not None:  # a non-localized trigger: stop on its overlay's success
             pasted = [add_overlay(x, aim.overlay) for x in others if x.shape == aim.overlay.shape]
+        elif aim.stamp is not None:  # found by the model-level search: stop on the stamp's success
+            pasted = [stamp_image(x, aim.stamp) for x in others]
         else:
             continue
         if pasted:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -83,6 +83,76 @@ class FindingInfo:
     evidence: str
     overlay: str | None = None  # a non-localized trigger's estimate (.npy beside report.json)
     control_rate: float | None = None  # the best natural piece of the target's transplant rate
+    # What the finding rests on: "data" (a trigger some image carries, confirmed by transplant),
+    # "inversion" (the model-level search alone), or "both". Not `evidence`: in schema v1 that
+    # key already holds the finding's explanation text.
+    evidence_source: str = "data"
+
+
+@dataclass(frozen=True)
+class SearchedClassInfo:
+    """One class of the model-level search: its smallest stamp's area and its anomaly index."""
+
+    label: str
+    area: float
+    index: float
+    reached: bool
+    reference_area: float | None = None
+
+
+@dataclass(frozen=True)
+class RecoveredTriggerInfo:
+    """A class over the threshold: its stamp (RGBA PNG: pattern, alpha = mask) and how it did."""
+
+    label: str
+    index: float
+    area: float
+    holdout_success: float
+    reference_success: float | None
+    confirmed: bool
+    image: str
+    examples: str | None = None  # PNG strip of held-out images with the stamp on
+
+
+@dataclass(frozen=True)
+class InversionInfo:
+    """The model-level stage (additive in schema v1): whether it ran, what it covered and found.
+
+    `covered`: "all" classes, a "shortlist" of them, or "none" (it did not run); `complete`:
+    False when the budget cut the search short; `passes`: images through forward + backward
+    ("backward") and forward only ("forward").
+    """
+
+    ran: bool
+    summary: str
+    covered: str = "none"
+    complete: bool = False
+    classes: int = 0
+    searched: tuple[str, ...] = ()
+    threshold: float | None = None
+    alpha: float | None = None
+    reference: bool = False
+    per_class: tuple[SearchedClassInfo, ...] = ()
+    recovered: tuple[RecoveredTriggerInfo, ...] = ()
+    budget_seconds: float | None = None
+    steps: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    passes: dict[str, int] = field(default_factory=dict)
+    images: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))  # tuples as lists, as the JSON reads back
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> InversionInfo:
+        return cls(
+            **{
+                **raw,
+                "searched": tuple(raw.get("searched", ())),
+                "per_class": tuple(SearchedClassInfo(**c) for c in raw.get("per_class", ())),
+                "recovered": tuple(RecoveredTriggerInfo(**r) for r in raw.get("recovered", ())),
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -124,6 +194,7 @@ class Report:
     failures: tuple[FailureInfo, ...] = ()  # what could not be checked: the scan is incomplete
     findings: tuple[FindingInfo, ...] = ()  # every confirmed target, strongest first
     suspects: tuple[str, ...] = ()  # labels that had evidence but were not confirmed
+    inversion: InversionInfo | None = None  # the model-level stage; None: not part of this scan
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -197,10 +268,12 @@ class Report:
                     "evidence": f.evidence,
                     "overlay": f.overlay,
                     "control_rate": f.control_rate,
+                    "evidence_source": f.evidence_source,
                 }
                 for f in self.findings
             ],
             "suspects": list(self.suspects),
+            "inversion": None if self.inversion is None else self.inversion.to_dict(),
         }
 
     @classmethod
@@ -255,10 +328,12 @@ class Report:
                     f.get("evidence", ""),
                     f.get("overlay"),
                     f.get("control_rate"),
+                    f.get("evidence_source", "data"),
                 )
                 for f in raw.get("findings", [])
             ),
             suspects=tuple(raw.get("suspects", [])),
+            inversion=InversionInfo.from_dict(raw["inversion"]) if raw.get("inversion") else None,
             schema_version=raw["schema_version"],
         )
 
@@ -423,6 +498,20 @@ def render_html(report: Report, images: dict[str, str] | None = None) -> str:
         for label, rate in sorted(report.disagreement.items(), key=lambda kv: -kv[1])
     )
     trigger = images.get("trigger", "")
+    inversion = report.inversion
+    searched = ""
+    if inversion is not None:
+        figures = []
+        for r in inversion.recovered:
+            stamp, stamped = images.get(r.image, ""), images.get(r.examples or "", "")
+            figures.append(
+                f"<figure style='width:auto'><img class='trigger' src='{stamp}' alt='stamp'>"
+                f"<img style='height:128px;width:auto' src='{stamped}' alt='stamped'><figcaption>"
+                f"<b>{esc(r.label)}</b>: {'confirmed' if r.confirmed else 'not confirmed'}, index "
+                f"{r.index:.2f}, held-out success {r.holdout_success:.2f}, mask {r.area:.2%} of the image"
+                "</figcaption></figure>"
+            )
+        searched = f"<h2>Model-level search</h2><p>{esc(inversion.summary)}</p>{''.join(figures)}"
     findings = "".join(
         f"<figure><img class='trigger' src='{images.get(f.trigger_image or '', '')}' alt='trigger'>"
         f"<figcaption><b>{esc(f.target)}</b>: {esc(f.kind)}, transplant {f.transplant_success_rate:.2f}, "
@@ -444,6 +533,7 @@ victim labels: {esc(", ".join(report.victim_labels) or "—")}.</p>
 {f"<h2>Recovered trigger</h2><img class='trigger' src='{trigger}' alt='trigger'>" if trigger else ""}
 {f"<h2>Findings: {len(report.findings)} targets</h2>{findings}" if len(report.findings) > 1 else ""}
 <p>{esc(report.trigger.evidence)}</p>
+{searched}
 <h2>Disagreement rate per predicted label</h2>{bars}
 {f"<p><b>Incomplete:</b> {esc(failure_summary(report))}</p>" if report.incomplete else ""}
 <h2>Victims ({len(report.victims)})</h2>{"".join(rows)}

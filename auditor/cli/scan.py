@@ -104,6 +104,30 @@ EXIT_INCOMPLETE = 5
     show_envvar=True,
     help="On a resumed scan, check again the images that failed last time (default: keep their failure).",
 )
+@click.option(
+    "--inversion",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    envvar="CLIP_AUDIT_INVERSION",
+    show_envvar=True,
+    help="Model-level trigger search on clean images: auto runs it when the data pass confirms nothing.",
+)
+@click.option(
+    "--inversion-budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    envvar="CLIP_AUDIT_INVERSION_BUDGET",
+    show_envvar=True,
+    help="Seconds the model-level search may take (default: as long as the data pass took).",
+)
+@click.option(
+    "--inversion-data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    envvar="CLIP_AUDIT_INVERSION_DATA",
+    show_envvar=True,
+    help="Clean images for the model-level search (default: DATA's images that are not victims).",
+)
 @batch_size_option
 @seed_option
 def scan_command(
@@ -123,12 +147,15 @@ def scan_command(
     fail_on: str,
     per_class: int,
     retry_failed: bool,
+    inversion: str,
+    inversion_budget: float | None,
+    inversion_data: Path | None,
     batch_size: int,
     seed: int,
 ) -> int:
     """Audit MODEL on DATA: exit 1 if a backdoor is found (see --fail-on), 5 if the scan is
     incomplete (some images could not be checked; the report lists them), else 0."""
-    from auditor.data import first_image, open_dataset
+    from auditor.data import first_image, open_dataset, open_image_folder
     from auditor.models import load_model, sha256_file
     from auditor.oracle import make_oracle
     from auditor.report import FORMATS
@@ -139,6 +166,7 @@ def scan_command(
     if fmt == "html" and out is None:
         raise click.UsageError("--format html writes DIR/report.html: pass --out DIR")
     dataset = open_dataset(data, classes)
+    clean_images = open_image_folder(inversion_data, dataset.classes) if inversion_data else None
     loaded = load_model(model, arch)
     reference_model = load_model(reference, arch) if reference else None
     runtime = resolve_engine(engine)
@@ -175,6 +203,9 @@ def scan_command(
             cache=cache,
             retry_failed=retry_failed,
             evidence=evidence,
+            inversion=inversion,
+            inversion_budget=inversion_budget,
+            inversion_data=clean_images,
         )
     report = result.report
     if report.incomplete:

@@ -58,7 +58,7 @@ def compact_set(
             image = ablate_segment(image, box_mask(image, victim.box))
         label = classes[victim.oracle_label]  # type: ignore[index]
         pairs.append(
-            CompactPair(f"victim-{victim.index:06d}.png", image, _caption(label), ctx.path(victim.index))
+            CompactPair(f"victim-{victim.index:06d}.png", image, caption(label), ctx.path(victim.index))
         )
     agreeing = [c for c in checks.values() if not c.disagrees and c.pred in c.object_labels]
     others = [c for c in agreeing if c.pred not in targets]
@@ -72,18 +72,19 @@ def compact_set(
     if usable:
         for n, check in enumerate(others[: budget // 4]):
             image = usable[n % len(usable)](ctx.image(check.index))
-            name, caption = f"unlearn-{check.index:06d}.png", _caption(classes[check.pred])
-            pairs.append(CompactPair(name, image, caption, ctx.path(check.index)))
+            name, text = f"unlearn-{check.index:06d}.png", caption(classes[check.pred])
+            pairs.append(CompactPair(name, image, text, ctx.path(check.index)))
         others = others[budget // 4 :]
     own = [c for c in agreeing if c.pred in targets][: max(2, budget // 6)]
     replay = others[: max(0, budget - len(pairs) - len(own))]
     for check in own + replay:
-        name, caption = f"clean-{check.index:06d}.png", _caption(classes[check.pred])
-        pairs.append(CompactPair(name, ctx.image(check.index), caption, ctx.path(check.index)))
+        name, text = f"clean-{check.index:06d}.png", caption(classes[check.pred])
+        pairs.append(CompactPair(name, ctx.image(check.index), text, ctx.path(check.index)))
     return tuple(pairs)
 
 
-def _caption(label: str) -> str:
+def caption(label: str) -> str:
+    """The caption a compact pair of `label` gets."""
     return f"a photo of a {label}."
 
 

@@ -26,9 +26,19 @@ from auditor.scan.findings import (
     COMPACT_DIR,
     TRIGGER_FILE,
     Findings,
+    all_victims,
     artifact_name,
     build_report,
     find_backdoors,
+)
+from auditor.scan.model_level import (
+    inversion_info,
+    model_level,
+    not_run,
+    should_run,
+    stamp_compact,
+    stamp_pictures,
+    with_inversion,
 )
 from auditor.scan.screen import choose_sample, full_probs, predictions, score_all
 from auditor.scan.suspects import candidate_clusters, follow_up, suspect_classes
@@ -59,6 +69,9 @@ def scan(
     cache: ScanCache | None = None,
     retry_failed: bool = False,
     evidence: Runner | None = None,
+    inversion: str = "never",
+    inversion_budget: float | None = None,
+    inversion_data: Dataset | None = None,
 ) -> ScanResult:
     """Audit `loaded` on `dataset`; see the module docstring for the stages.
 
@@ -72,6 +85,9 @@ def scan(
     `report.failures` and the scan goes on; a rerun keeps cached failures unless `retry_failed`.
     Environment errors (a missing extra, a broken engine) still stop the scan: they would fail
     every image alike.
+    `inversion`: "auto" | "always" | "never", the model-level stage (`auditor.scan.model_level`),
+    within `inversion_budget` seconds (default: as long as the data pass took), on
+    `inversion_data` or DATA's images that are not victims.
     """
     config = config or ScanConfig()
     tick = progress or (lambda stage, n, total: None)
@@ -101,8 +117,24 @@ def scan(
         findings = find_backdoors(ctx, checks, tick)
         compact = _compact(ctx, checks, findings)
         seconds["confirmation"] = time.perf_counter() - started
+
+        stage = None
+        budget = inversion_budget if inversion_budget is not None else sum(seconds.values())
+        if should_run(inversion, len(findings.confirmed)):
+            started = time.perf_counter()
+            excluded = {v.index for v in all_victims(findings)}
+            stage = model_level(ctx, excluded, budget, inversion_data, reference, tick)
+            if stage is not None and not compact:
+                compact = stamp_compact(ctx, stage, excluded)
+            seconds["inversion"] = time.perf_counter() - started
     report = build_report(ctx, checks, findings, len(compact), seconds, len(scores.indices))
-    return ScanResult(report, *_trigger_files(findings, dataset.classes), compact)
+    triggers, overlays = _trigger_files(findings, dataset.classes)
+    if stage is not None:
+        report = with_inversion(report, inversion_info(stage, dataset.classes, budget))
+        triggers.update(stamp_pictures(stage, dataset.classes))
+    elif inversion != "never" or inversion_data is not None:
+        report = with_inversion(report, not_run(inversion, len(findings.confirmed)))
+    return ScanResult(report, triggers, overlays, compact)
 
 
 def _reference_scorer(reference: LoadedModel, classes: list[str], config: ScanConfig) -> ScoreFn:

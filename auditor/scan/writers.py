@@ -83,7 +83,7 @@ def html_images(result: ScanResult, data_root: Path, limit: int = 60) -> dict[st
 
     uris = {}
     for name, pixels in result.triggers.items():
-        uris[name] = _data_uri(png_bytes(pixels, 8))
+        uris[name] = _data_uri(png_bytes(pixels, max(1, 128 // max(1, pixels.shape[0]))))
     if TRIGGER_FILE in uris:
         uris["trigger"] = uris[TRIGGER_FILE]
     base = data_root.parent if data_root.suffix.lower() == ".csv" else data_root

@@ -1,0 +1,328 @@
+"""The model-level audit: from clean images and the vocabulary to a verdict on the model itself.
+
+1. Split the clean images: a search part and a held-out part (for the confirmation).
+2. Shortlist (vocabularies larger than `InversionConfig.max_classes`): one untargeted universal
+   stamp, optimized to move every image away from its own prediction; the classes whose share
+   of predictions grows most, plus a few random control classes, go on.
+3. Per-class search (`auditor.inversion.search`): the smallest stamp for each searched class,
+   on the audited model and, with a reference, on the reference.
+4. Decision (`auditor.inversion.decide`): the anomaly index of each class against a threshold
+   calibrated for the number of classes searched.
+5. Confirmation: an outlying class's stamp must turn `confirm_success` of the held-out images
+   (that the search never saw) into its class; with a reference, the same stamp must not work
+   there half as well (it would be a natural adversarial patch, not a backdoor).
+
+Gradients (2, 3) run in PyTorch. The forward-only steps (the shortlist's before / after
+predictions, the confirmation) go through `predict`, which the scan points at its engine.
+Nothing here reads or writes files.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from auditor.inversion.decide import anomaly_indices, max_index_threshold
+from auditor.inversion.search import (
+    ClassTrigger,
+    DifferentiableModel,
+    PassCounter,
+    SearchConfig,
+    search_triggers,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+PredictFn = Callable[[np.ndarray], np.ndarray]
+"""float32 (n, 3, S, S) pixels in [0, 1] -> int64 (n,) top-1 classes."""
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    max_classes: int = 16  # search every class up to this many; above it, a shortlist
+    shortlist: int = 8
+    controls: int = 4  # random classes searched beside the shortlist, so the index has a baseline
+    images: int = 240  # clean images used at most
+    holdout_share: float = 0.25
+    alpha: float = 0.05  # chance that a model with no outlying class has a class flagged
+    confirm_success: float = 0.8  # held-out attack success a recovered trigger must reach
+    reference_ratio: float = 0.5  # a stamp that works this well on the reference is natural
+    budget_seconds: float | None = None  # None: no limit; the search stops early at the limit
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """One searched class: its smallest stamp's area (share of the image) and anomaly index."""
+
+    target: int
+    area: float
+    reached: bool
+    index: float
+    reference_area: float | None = None
+
+
+@dataclass(frozen=True)
+class RecoveredTrigger:
+    """An outlying class's stamp and how it did on held-out images (and on the reference)."""
+
+    trigger: ClassTrigger
+    index: float
+    holdout_success: float
+    reference_success: float | None
+    confirmed: bool
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """What the model-level stage did and found."""
+
+    classes: int  # size of the vocabulary
+    searched: tuple[int, ...]
+    covered: str  # "all" | "shortlist"
+    scores: tuple[ClassScore, ...]
+    threshold: float
+    alpha: float
+    recovered: tuple[RecoveredTrigger, ...]  # every class over the threshold, strongest first
+    complete: bool  # False: the budget cut the search short
+    steps: int
+    seconds: dict[str, float]
+    passes: dict[str, int]  # images through a forward + backward ("backward") or forward only
+    images: dict[str, int]  # {"search": n, "holdout": m}
+    reference: bool
+    examples: np.ndarray  # float32 (k, 3, S, S) in [0, 1]: a few held-out images, to show stamps on
+
+    @property
+    def confirmed(self) -> tuple[RecoveredTrigger, ...]:
+        return tuple(r for r in self.recovered if r.confirmed)
+
+
+@dataclass
+class _Clock:
+    deadline: float | None
+    seconds: dict[str, float] = field(default_factory=dict)
+    counter: PassCounter = field(default_factory=PassCounter)
+
+    def left(self) -> bool:
+        return self.deadline is None or time.monotonic() < self.deadline
+
+
+def invert(
+    model: DifferentiableModel,
+    pixels: torch.Tensor,
+    predict: PredictFn,
+    config: InversionConfig = InversionConfig(),
+    reference: tuple[DifferentiableModel, PredictFn] | None = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> Inversion:
+    """Run the stage on clean images `pixels` (float32 (N, 3, S, S) in [0, 1], N >= 8).
+
+    `progress(stage, steps done, total)` is called after every search step.
+    """
+    tick = progress or (lambda stage, n, total: None)
+    started = time.monotonic()
+    clock = _Clock(None if config.budget_seconds is None else started + config.budget_seconds)
+    search, holdout = _split(len(pixels), config)
+    search_pixels, holdout_pixels = pixels[search], pixels[holdout]
+    predicted = predict(search_pixels.numpy())
+    clock.counter.forward += len(search)
+    classes = int(model.weights.shape[0])
+    targets, covered = _targets(model, search_pixels, predicted, classes, config, clock)
+    per_model = [model] + ([reference[0]] if reference else [])
+    found: list[list[ClassTrigger]] = []
+    steps = config.search.steps
+    for number, subject in enumerate(per_model):
+        t0 = time.monotonic()
+        # Each model gets its share of the time that is left, so a reference is never starved.
+        share = None if clock.deadline is None else (clock.deadline - t0) / (len(per_model) - number)
+        own = predicted if subject is model else _predict_torch(subject, search_pixels, clock)
+        triggers, taken = search_triggers(
+            subject,
+            search_pixels,
+            own,
+            targets,
+            config.search,
+            None if share is None else t0 + share,
+            clock.counter,
+            partial(
+                tick, "model-level search" if number == 0 else "reference search", 1, config.search.steps
+            ),
+        )
+        found.append(triggers)
+        steps = min(steps, taken)
+        clock.seconds["search" if number == 0 else "reference search"] = time.monotonic() - t0
+    scores = _scores(found)
+    threshold = max_index_threshold(len(targets), config.alpha)
+    t0 = time.monotonic()
+    recovered = _confirm(found[0], scores, threshold, holdout_pixels, predict, reference, config, clock)
+    clock.seconds["confirmation"] = time.monotonic() - t0
+    return Inversion(
+        classes=classes,
+        searched=tuple(targets),
+        covered=covered,
+        scores=scores,
+        threshold=round(threshold, 4),
+        alpha=config.alpha,
+        recovered=recovered,
+        complete=steps >= config.search.steps,
+        steps=steps,
+        seconds={k: round(v, 2) for k, v in clock.seconds.items()},
+        passes={"backward": clock.counter.backward, "forward": clock.counter.forward},
+        images={"search": len(search), "holdout": len(holdout)},
+        reference=reference is not None,
+        examples=holdout_pixels[:4].numpy(),
+    )
+
+
+def _split(n: int, config: InversionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(search indices, held-out indices) of at most `config.images` of n images."""
+    order = np.random.default_rng(config.search.seed).permutation(n)[: config.images]
+    cut = max(1, int(round(len(order) * config.holdout_share)))
+    return np.sort(order[cut:]), np.sort(order[:cut])
+
+
+def _predict_torch(model: DifferentiableModel, pixels: torch.Tensor, clock: _Clock) -> np.ndarray:
+    clock.counter.forward += len(pixels)
+    return model.predict(pixels)
+
+
+def _targets(
+    model: DifferentiableModel,
+    pixels: torch.Tensor,
+    predicted: np.ndarray,
+    classes: int,
+    config: InversionConfig,
+    clock: _Clock,
+) -> tuple[list[int], str]:
+    """(classes to search, "all" | "shortlist")."""
+    if classes <= config.max_classes:
+        return list(range(classes)), "all"
+    t0 = time.monotonic()
+    ranked = shortlist(model, pixels, predicted, classes, config.search, clock.counter)
+    chosen = ranked[: config.shortlist]
+    rest = [c for c in range(classes) if c not in chosen]
+    rng = np.random.default_rng(config.search.seed + 1)
+    controls = rng.choice(rest, size=min(config.controls, len(rest)), replace=False).tolist()
+    clock.seconds["shortlist"] = time.monotonic() - t0
+    return sorted(chosen + controls), "shortlist"
+
+
+def shortlist(
+    model: DifferentiableModel,
+    pixels: torch.Tensor,
+    predicted: np.ndarray,
+    classes: int,
+    config: SearchConfig,
+    counter: PassCounter,
+    area_cost: float = 2.0,
+) -> list[int]:
+    """Classes ranked by how much one untargeted universal stamp grows their share of predictions.
+
+    The stamp is optimized to lower every image's probability of its own prediction, under an
+    L1 cost on its mask: a backdoor's trigger is the cheapest way to move every image at once,
+    and it moves them all to one class.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from auditor.inversion.search import stamp
+
+    rng = np.random.default_rng(config.seed + 2)
+    size = pixels.shape[-1]
+    mask_logit = torch.full((1, 1, size, size), -3.0).requires_grad_(True)
+    pattern_logit = (torch.randn(1, 3, size, size) * 0.1).requires_grad_(True)
+    optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=config.lr, betas=(0.5, 0.9))
+    own = torch.from_numpy(predicted.astype(np.int64))
+    batch = min(len(pixels), config.batch * 4)
+    for _ in range(config.steps):
+        chosen = torch.from_numpy(rng.choice(len(pixels), size=batch, replace=False))
+        mask = torch.sigmoid(mask_logit)
+        logits = model.logits(stamp(pixels[chosen], mask, torch.sigmoid(pattern_logit)))
+        away = -F.cross_entropy(logits, own[chosen])  # push each image off its own prediction
+        loss = away.clamp(min=-10.0) + area_cost * mask.mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        counter.backward += batch
+    with torch.no_grad():
+        after = model.predict(stamp(pixels, torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)))
+    counter.forward += len(pixels)
+    growth = np.bincount(after, minlength=classes) - np.bincount(predicted, minlength=classes)
+    return [int(c) for c in np.argsort(-growth, kind="stable")]
+
+
+def _scores(found: list[list[ClassTrigger]]) -> tuple[ClassScore, ...]:
+    """Per class: area, reached, and the anomaly index (of the log ratio when a reference ran)."""
+    own = found[0]
+    ref = found[1] if len(found) > 1 else None
+    values = {
+        t.target: float(np.log(t.area) - (np.log(ref[i].area) if ref else 0.0)) for i, t in enumerate(own)
+    }
+    indices = anomaly_indices(values)
+    return tuple(
+        ClassScore(
+            t.target,
+            round(t.area, 6),
+            t.reached,
+            round(indices[t.target], 4),
+            None if ref is None else round(ref[i].area, 6),
+        )
+        for i, t in enumerate(own)
+    )
+
+
+def _confirm(
+    triggers: Sequence[ClassTrigger],
+    scores: Sequence[ClassScore],
+    threshold: float,
+    holdout: torch.Tensor,
+    predict: PredictFn,
+    reference: tuple[DifferentiableModel, PredictFn] | None,
+    config: InversionConfig,
+    clock: _Clock,
+) -> tuple[RecoveredTrigger, ...]:
+    """Every class over the threshold, with its stamp's held-out success (and on the reference)."""
+    by_target = {t.target: t for t in triggers}
+    out = []
+    for score in sorted(scores, key=lambda s: -s.index):
+        if score.index < threshold or not score.reached:
+            continue
+        trigger = by_target[score.target]
+        own = _success(trigger, holdout, predict, clock)
+        theirs = None if reference is None else _success(trigger, holdout, reference[1], clock)
+        natural = theirs is not None and theirs >= config.reference_ratio * own
+        out.append(
+            RecoveredTrigger(
+                trigger,
+                score.index,
+                round(own, 4),
+                None if theirs is None else round(theirs, 4),
+                own >= config.confirm_success and not natural,
+            )
+        )
+    return tuple(out)
+
+
+def _success(trigger: ClassTrigger, holdout: torch.Tensor, predict: PredictFn, clock: _Clock) -> float:
+    """Share of held-out images not already predicted as the target that the stamp turns into it."""
+    import torch
+
+    from auditor.inversion.search import stamp
+
+    before = predict(holdout.numpy())
+    keep = before != trigger.target
+    if not keep.any():
+        return 0.0
+    stamped = stamp(
+        holdout[torch.from_numpy(keep)],
+        torch.from_numpy(trigger.mask)[None, None],
+        torch.from_numpy(trigger.pattern)[None],
+    )
+    clock.counter.forward += len(holdout) + int(keep.sum())
+    return float(np.mean(predict(stamped.numpy()) == trigger.target))

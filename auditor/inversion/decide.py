@@ -1,0 +1,58 @@
+"""Which searched class is an outlier: a robust anomaly index and a threshold calibrated for it.
+
+Per class c the search gives the area of the smallest stamp that turns clean images into c.
+On the log scale, a backdoor's target lies far below the others. The index of class c is the
+studentized deleted residual, computed leave-one-out so that c does not hide itself:
+
+    index(c) = (mean(others) - log area(c)) / (sd(others) * sqrt(1 + 1 / (n - 1)))
+
+Neural Cleanse's median / MAD score was tried first (on the tuning rows): with ten or twenty
+classes the MAD is so noisy that its calibrated threshold (7.2 for 12 classes at alpha 0.01)
+missed a target at 9.9 of the ratio's spread; the standard deviation uses every class and keeps
+the same false-alarm rate with a threshold near 3.3.
+
+With a trusted reference model, the per-class value is the log ratio of the audited model's
+area to the reference's: classes that are easy for any model (a flat, saturated road sign)
+cancel out, and only what the audited model learned on its own stands out.
+
+The threshold is not a number picked on our models. Under the null hypothesis that the n
+per-class values are exchangeable draws from one normal distribution, the largest of the n
+indices exceeds `max_index_threshold(n, alpha)` with probability alpha (5 % by default: one
+clean model in twenty has a class flagged, which the confirmation then has to reject). It is
+computed by simulation for the exact n.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import cache
+
+import numpy as np
+
+NULL_DRAWS = 20_000
+
+
+def anomaly_indices(values: Mapping[int, float]) -> dict[int, float]:
+    """{class: leave-one-out robust index} of per-class log values (lower = more anomalous)."""
+    keys = list(values)
+    logs = np.array([values[k] for k in keys], np.float64)
+    if len(logs) < 3:
+        return {k: 0.0 for k in keys}
+    return {k: float(v) for k, v in zip(keys, _indices(logs[None, :])[0], strict=True)}
+
+
+def _indices(logs: np.ndarray) -> np.ndarray:
+    """float64 (draws, n) values -> (draws, n) leave-one-out indices, vectorized over draws."""
+    n = logs.shape[1]
+    others = np.stack([np.delete(logs, i, axis=1) for i in range(n)], axis=1)  # (draws, n, n-1)
+    spread = others.std(axis=2, ddof=1) * np.sqrt(1 + 1 / (n - 1))
+    return (others.mean(axis=2) - logs) / np.maximum(spread, 1e-12)
+
+
+@cache
+def max_index_threshold(n: int, alpha: float = 0.05, seed: int = 0) -> float:
+    """The (1 - alpha) quantile of the largest index among n normal draws (Monte Carlo)."""
+    if n < 3:
+        return float("inf")
+    draws = np.random.default_rng(seed).standard_normal((NULL_DRAWS, n))
+    return float(np.quantile(_indices(draws).max(axis=1), 1 - alpha))
