@@ -136,6 +136,7 @@ class InversionInfo:
     recovered: tuple[RecoveredTriggerInfo, ...] = ()
     budget_seconds: float | None = None
     steps: int = 0
+    rounds: int = 0  # independent searches per class whose mean made the per-class value
     seconds: dict[str, float] = field(default_factory=dict)
     passes: dict[str, int] = field(default_factory=dict)
     images: dict[str, int] = field(default_factory=dict)

@@ -3,10 +3,11 @@
 `python -m benchmarks.inversion_cost [--steps 3] [--out benchmarks/results/inversion_cost.json]`
 
 Times a few steps of `auditor.inversion.search.search_triggers` (12 classes, the default batch)
-on a matrix-sized tiny ViT and on a random-weight ViT-B-32 at 224 px, and projects the full
-default search (`SearchConfig.steps` steps, once for the audited model and once more with a
-reference) from the median step. The passes are counted, so the figure can be projected to
-another machine from its own forward + backward throughput.
+on matrix-sized tiny ViT and ModifiedResNet towers and on a random-weight ViT-B-32 at 224 px,
+and projects the full default search (`InversionConfig.rounds` rounds of `SearchConfig.steps`
+steps, on the audited model and once more with a reference) from the median step. The passes
+are counted, so the figure can be projected to another machine from its own forward + backward
+throughput.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def time_steps(arch_name: str, steps: int) -> dict[str, object]:
     import numpy as np
     import torch
 
+    from auditor.inversion.audit import InversionConfig
     from auditor.inversion.search import DifferentiableModel, PassCounter, SearchConfig, search_triggers
     from auditor.models import LoadedModel, build_model, make_preprocess, make_tokenizer, resolve_arch
 
@@ -40,7 +42,7 @@ def time_steps(arch_name: str, steps: int) -> dict[str, object]:
     size = arch.image_size
     pixels = torch.rand(64, 3, size, size)
     predicted = differentiable.predict(pixels)
-    config = SearchConfig()
+    config, rounds = SearchConfig(), InversionConfig().rounds
     times: list[float] = []
     counter = PassCounter()
     last = time.perf_counter()
@@ -71,8 +73,9 @@ def time_steps(arch_name: str, steps: int) -> dict[str, object]:
         "median_step_seconds": round(step, 3),
         "passes_per_step": counter.backward // steps,
         "default_steps": config.steps,
-        "projected_search_seconds": round(step * config.steps, 1),
-        "projected_with_reference_seconds": round(2 * step * config.steps, 1),
+        "default_rounds": rounds,
+        "projected_search_seconds": round(step * config.steps * rounds, 1),
+        "projected_with_reference_seconds": round(2 * step * config.steps * rounds, 1),
     }
 
 
@@ -87,8 +90,8 @@ def main() -> None:
 
     folder = matrix.cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    tiny = str(matrix.arch_path(matrix.ROWS[0], folder))
-    runs = [time_steps(tiny, max(args.steps, 5)), time_steps("ViT-B-32", args.steps)]
+    tiny = [str(matrix.arch_path(row, folder)) for row in matrix.ROWS[:3:2]]  # a 64-px ViT and ResNet
+    runs = [time_steps(arch, max(args.steps, 5)) for arch in tiny] + [time_steps("ViT-B-32", args.steps)]
     for run in runs:
         print(run, flush=True)
     write_result(args.out, "inversion_cost", {"runs": runs})

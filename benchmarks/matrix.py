@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -619,8 +620,6 @@ def reference_row(row: Row) -> Row:
 def model_only_data(row: Row, folder: Path, work: Path) -> tuple[dict[str, Any], Path, Path]:
     """(ground truth, fresh photo folder, reference weights) of a model-only audit: the row's
     scan folder in `work/scan` without its triggered files, the fresh photos in `work/fresh`."""
-    import shutil
-
     from PIL import Image
 
     truth = write_scan_data(row, folder, work / "scan")
@@ -641,32 +640,19 @@ def model_only(row: Row, folder: Path, model_path: Path, work: Path, repair: boo
     photos from a source no matrix model was trained on. The decision with the reference is the
     scan's; the one without is recomputed from the same per-class areas.
     """
-
     from auditor.inversion.audit import InversionConfig
     from auditor.inversion.decide import anomaly_indices, max_index_threshold
 
-    truth, fresh, reference = model_only_data(row, folder, work)
-    started = time.time()
-    code, report = scan_row(
-        row,
-        folder,
-        model_path,
-        work / "scan",
-        work / "out",
-        "--inversion-data",
-        str(fresh),
-        "--reference",
-        str(reference),
-        "--inversion-budget",
-        str(MODEL_ONLY_BUDGET),
+    default = _default_budget(row, folder, model_path, work)
+    truth, code, report, seconds = model_only_scan(
+        row, folder, model_path, work, "--inversion-budget", str(MODEL_ONLY_BUDGET)
     )
-    seconds = time.time() - started
     inversion = report.get("inversion") or {}
     per_class = inversion.get("per_class", [])
     own = anomaly_indices({i: float(np.log(c["area"])) for i, c in enumerate(per_class)})
     no_ref_threshold = max_index_threshold(len(per_class), InversionConfig().alpha)
     targets = set(truth["targets"])
-    found = [f["target"] for f in report.get("findings", []) if f.get("evidence_source") != "data"]
+    found = inversion_targets(report)
     recovered = {r["label"]: r for r in inversion.get("recovered", [])}
     data_seconds = sum(v for k, v in report["cost"]["seconds"].items() if k != "inversion")
     repaired = None
@@ -692,9 +678,58 @@ def model_only(row: Row, folder: Path, model_path: Path, work: Path, repair: boo
         "top_classes": [c["label"] for c in sorted(per_class, key=lambda c: -c["index"])[:3]],
         "complete": inversion.get("complete"),
         "steps": inversion.get("steps"),
+        "rounds": inversion.get("rounds"),
         "passes": inversion.get("passes"),
         "inversion_seconds": inversion.get("seconds"),
         "data_pass_seconds": round(data_seconds, 1),
+        "wall_seconds": round(seconds, 1),
+        "default_budget": default,
+    }
+
+
+def model_only_scan(
+    row: Row, folder: Path, model_path: Path, work: Path, *options: str, out: str = "out"
+) -> tuple[dict[str, Any], int, dict[str, Any], float]:
+    """(ground truth, exit code, report, scan seconds) of `row`'s model scanned with clean images
+    only (`model_only_data`) and its clean reference, into `work/out`, from a fresh data pass."""
+    truth, fresh, reference = model_only_data(row, folder, work)
+    shutil.rmtree(work / out, ignore_errors=True)  # not resumed from an earlier scan's cache
+    started = time.time()
+    code, report = scan_row(
+        row,
+        folder,
+        model_path,
+        work / "scan",
+        work / out,
+        "--inversion-data",
+        str(fresh),
+        "--reference",
+        str(reference),
+        *options,
+    )
+    return truth, code, report, time.time() - started
+
+
+def inversion_targets(report: dict[str, Any]) -> list[str]:
+    """The targets of a report's findings that the model-level search found (alone or too)."""
+    return [f["target"] for f in report.get("findings", []) if f.get("evidence_source") != "data"]
+
+
+def _default_budget(row: Row, folder: Path, model_path: Path, work: Path) -> dict[str, Any]:
+    """The same audit with the default budget (as long as the data pass took): how much of the
+    search it kept, its verdict and wall time."""
+    truth, _, report, seconds = model_only_scan(row, folder, model_path, work, out="out-default")
+    targets = set(truth["targets"])
+    inversion = report.get("inversion") or {}
+    found = inversion_targets(report)
+    return {
+        "budget_seconds": inversion.get("budget_seconds"),
+        "complete": inversion.get("complete"),
+        "rounds": inversion.get("rounds"),
+        "steps": inversion.get("steps"),
+        "verdict": report["verdict"],
+        "targets_found": found,
+        "targets_right": bool(targets) and set(found) == targets,
         "wall_seconds": round(seconds, 1),
     }
 
@@ -746,8 +781,38 @@ def summarize_model_only(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 ),
                 default=None,
             ),
+            "repair_ok": _repairs_ok([r for r in poisoned if r["model_only"].get("repair")]),
+            "default_budget_complete": share(
+                [r for r in part if r["model_only"].get("default_budget")],
+                lambda m: m["default_budget"]["complete"],
+            ),
+            "default_budget_localized_target_right": share(
+                [r for r in localized if r["model_only"].get("default_budget")],
+                lambda m: m["default_budget"]["targets_right"],
+            ),
+            "default_budget_clean_false_backdoor": share(
+                [r for r in clean if r["model_only"].get("default_budget")],
+                lambda m: m["default_budget"]["verdict"] == "backdoor",
+            ),
+            "default_budget_max_wall_seconds": max(
+                (
+                    r["model_only"]["default_budget"]["wall_seconds"]
+                    for r in part
+                    if r["model_only"].get("default_budget")
+                ),
+                default=None,
+            ),
         }
     return out
+
+
+def _repairs_ok(rows: list[dict[str, Any]]) -> str:
+    """How many repairs from an inverted trigger meet the bar (planted trigger <= 5 %, clean
+    accuracy down <= 2 points), of those run."""
+    ok = sum(
+        repair_ok({"clean_accuracy": r["clean_accuracy"], "repair": r["model_only"]["repair"]}) for r in rows
+    )
+    return f"{ok}/{len(rows)}"
 
 
 PLANTED_ASR = 0.5  # a row's backdoor exists when its trigger turns most test images to the target
@@ -872,8 +937,10 @@ def _model_only_lines(body: dict[str, Any]) -> list[str]:
         "on), with a clean reference model of the same tower, size and source (`reference_row`). "
         "`index`: the largest anomaly index (log-area ratio to the reference), against the "
         "threshold; `no ref`: the index from the audited model's areas alone. Held-out success: "
-        "the recovered stamp on held-out fresh images. Rows not listed have not been run with "
-        "the current search.",
+        "the recovered stamp on held-out fresh images. The search runs with a budget that lets "
+        "it finish; `default budget` is the same audit with the scan's default budget (as long as "
+        "the data pass took): its budget, the search rounds it kept, its verdict. Rows not listed "
+        "have not been run with the current search.",
         "",
     ]
     if body.get("model_only_note"):
@@ -884,8 +951,9 @@ def _model_only_lines(body: dict[str, Any]) -> list[str]:
         lines.append("")
     lines += [
         "| split | model | planted targets | ASR | verdict | found | top classes | index / threshold "
-        "| no ref | held-out success | search s | data pass s | repair ASR / CA |",
-        "| " + " | ".join(["---"] * 13) + " |",
+        "| no ref | held-out success | search s | data pass s | repair ASR / CA "
+        "| default budget: s, rounds, verdict |",
+        "| " + " | ".join(["---"] * 14) + " |",
     ]
     for r in rows:
         m = r["model_only"]
@@ -895,6 +963,13 @@ def _model_only_lines(body: dict[str, Any]) -> list[str]:
         repair = (
             f"{max(fixed['attack_success'].values()):.2f} / {fixed['clean_accuracy']:.2f}"
             if fixed.get("attack_success")
+            else "–"
+        )
+        default = m.get("default_budget")
+        short = (
+            f"{default['budget_seconds']:.0f}, {default['rounds']}, {default['verdict']}"
+            + (f" ({', '.join(default['targets_found'])})" if default["targets_found"] else "")
+            if default
             else "–"
         )
         lines.append(
@@ -914,6 +989,7 @@ def _model_only_lines(body: dict[str, Any]) -> list[str]:
                     f"{sum((m['inversion_seconds'] or {}).values()):.0f}",
                     f"{m['data_pass_seconds']:.0f}",
                     repair,
+                    short,
                 ]
             )
             + " |"

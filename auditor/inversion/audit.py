@@ -5,9 +5,12 @@
    stamp, optimized to move every image away from its own prediction; the classes whose share
    of predictions grows most, plus a few random control classes, go on.
 3. Per-class search (`auditor.inversion.search`): the smallest stamp for each searched class,
-   on the audited model and, with a reference, on the reference.
+   on the audited model and, with a reference, on the reference, in `rounds` independent
+   rounds (own seed, own batches). A class's value is the mean of its log areas over the
+   rounds: one short search's area is noisy, and averaging shrinks the spread of the clean
+   classes, which is what a target has to stand out from.
 4. Decision (`auditor.inversion.decide`): the anomaly index of each class against a threshold
-   calibrated for the number of classes searched.
+   calibrated for the number of classes searched, step-down for a second or third target.
 5. Confirmation: an outlying class's stamp must turn `confirm_success` of the held-out images
    (that the search never saw) into its class; with a reference, the same stamp must not work
    there half as well (it would be a natural adversarial patch, not a backdoor).
@@ -20,14 +23,14 @@ Nothing here reads or writes files.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from auditor.inversion.decide import anomaly_indices, max_index_threshold
+from auditor.inversion.decide import anomaly_indices, max_index_threshold, outliers
 from auditor.inversion.search import (
     ClassTrigger,
     DifferentiableModel,
@@ -54,6 +57,7 @@ class InversionConfig:
     confirm_success: float = 0.8  # held-out attack success a recovered trigger must reach
     reference_ratio: float = 0.5  # a stamp that works this well on the reference is natural
     budget_seconds: float | None = None  # None: no limit; the search stops early at the limit
+    rounds: int = 4  # independent searches per class, averaged (on the log scale)
     search: SearchConfig = field(default_factory=SearchConfig)
 
 
@@ -77,6 +81,9 @@ class RecoveredTrigger:
     holdout_success: float
     reference_success: float | None
     confirmed: bool
+    # The class's stamps from the other rounds (reached ones): other shapes of the same shortcut,
+    # which a repair unlearns together with `trigger`.
+    alternates: tuple[ClassTrigger, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,9 +96,10 @@ class Inversion:
     scores: tuple[ClassScore, ...]
     threshold: float
     alpha: float
-    recovered: tuple[RecoveredTrigger, ...]  # every class over the threshold, strongest first
+    recovered: tuple[RecoveredTrigger, ...]  # every flagged class (`decide.outliers`), strongest first
     complete: bool  # False: the budget cut the search short
-    steps: int
+    steps: int  # steps of the shortest round kept
+    rounds: int  # rounds kept (a round the budget cut short is dropped unless it is the first)
     seconds: dict[str, float]
     passes: dict[str, int]  # images through a forward + backward ("backward") or forward only
     images: dict[str, int]  # {"search": n, "holdout": m}
@@ -135,32 +143,16 @@ def invert(
     classes = int(model.weights.shape[0])
     targets, covered = _targets(model, search_pixels, predicted, classes, config, clock)
     per_model = [model] + ([reference[0]] if reference else [])
-    found: list[list[ClassTrigger]] = []
-    steps = config.search.steps
-    for number, subject in enumerate(per_model):
-        t0 = time.monotonic()
-        # Each model gets its share of the time that is left, so a reference is never starved.
-        share = None if clock.deadline is None else (clock.deadline - t0) / (len(per_model) - number)
-        own = predicted if subject is model else _predict_torch(subject, search_pixels, clock)
-        triggers, taken = search_triggers(
-            subject,
-            search_pixels,
-            own,
-            targets,
-            config.search,
-            None if share is None else t0 + share,
-            clock.counter,
-            partial(
-                tick, "model-level search" if number == 0 else "reference search", 1, config.search.steps
-            ),
-        )
-        found.append(triggers)
-        steps = min(steps, taken)
-        clock.seconds["search" if number == 0 else "reference search"] = time.monotonic() - t0
-    scores = _scores(found)
+    own = [predicted] + [_predict_torch(m, search_pixels, clock) for m in per_model[1:]]
+    rounds, steps = _search_rounds(per_model, own, search_pixels, targets, config, clock, tick)
+    values = _values(rounds)
+    scores = _scores(rounds, values)
     threshold = max_index_threshold(len(targets), config.alpha)
     t0 = time.monotonic()
-    recovered = _confirm(found[0], scores, threshold, holdout_pixels, predict, reference, config, clock)
+    smallest = _smallest(round_[0] for round_ in rounds)
+    flagged = outliers(values, config.alpha)
+    recovered = _confirm(smallest, flagged, holdout_pixels, predict, reference, config, clock)
+    recovered = tuple(replace(r, alternates=_alternates(r.trigger, rounds)) for r in recovered)
     clock.seconds["confirmation"] = time.monotonic() - t0
     return Inversion(
         classes=classes,
@@ -170,8 +162,9 @@ def invert(
         threshold=round(threshold, 4),
         alpha=config.alpha,
         recovered=recovered,
-        complete=steps >= config.search.steps,
+        complete=steps >= config.search.steps and len(rounds) == config.rounds,
         steps=steps,
+        rounds=len(rounds),
         seconds={k: round(v, 2) for k, v in clock.seconds.items()},
         passes={"backward": clock.counter.backward, "forward": clock.counter.forward},
         images={"search": len(search), "holdout": len(holdout)},
@@ -190,6 +183,72 @@ def _split(n: int, config: InversionConfig) -> tuple[np.ndarray, np.ndarray]:
 def _predict_torch(model: DifferentiableModel, pixels: torch.Tensor, clock: _Clock) -> np.ndarray:
     clock.counter.forward += len(pixels)
     return model.predict(pixels)
+
+
+def _search_rounds(
+    models: Sequence[DifferentiableModel],
+    predicted: Sequence[np.ndarray],
+    pixels: torch.Tensor,
+    targets: Sequence[int],
+    config: InversionConfig,
+    clock: _Clock,
+    tick: Callable[[str, int, int | None], None],
+) -> tuple[list[list[list[ClassTrigger]]], int]:
+    """([round][model][target] triggers, steps of the shortest round kept).
+
+    In the first round each model gets its share of the budget, so a reference is never
+    starved. A later round starts only when the budget left fits another round as long as the
+    first; should it still be cut short, it is dropped, so that every round kept is complete.
+    """
+    rounds: list[list[list[ClassTrigger]]] = []
+    steps, first_round = config.search.steps, 0.0
+    total = config.search.steps * config.rounds
+    for number in range(config.rounds):
+        started = time.monotonic()
+        if rounds and clock.deadline is not None and clock.deadline - started < first_round:
+            break
+        search = replace(config.search, seed=config.search.seed + number)
+        found, taken = [], config.search.steps
+        for index, (subject, own) in enumerate(zip(models, predicted, strict=True)):
+            t0 = time.monotonic()
+            share = None if clock.deadline is None else t0 + (clock.deadline - t0) / (len(models) - index)
+            stage = "search" if index == 0 else "reference search"
+            triggers, done = search_triggers(
+                subject,
+                pixels,
+                own,
+                targets,
+                search,
+                share if not rounds else clock.deadline,
+                clock.counter,
+                partial(tick, "model-level " + stage, 1, total),
+            )
+            found.append(triggers)
+            taken = min(taken, done)
+            clock.seconds[stage] = clock.seconds.get(stage, 0.0) + time.monotonic() - t0
+        if rounds and taken < config.search.steps:
+            break
+        rounds.append(found)
+        steps = min(steps, taken)
+        first_round = first_round or time.monotonic() - started
+    return rounds, steps
+
+
+def _smallest(per_round: Iterable[list[ClassTrigger]]) -> list[ClassTrigger]:
+    """Per target, the reached stamp with the smallest area over the rounds (the first otherwise)."""
+    best: dict[int, ClassTrigger] = {}
+    for triggers in per_round:
+        for t in triggers:
+            kept = best.get(t.target)
+            if kept is None or (t.reached, -t.area) > (kept.reached, -kept.area):
+                best[t.target] = t
+    return list(best.values())
+
+
+def _alternates(kept: ClassTrigger, rounds: list[list[list[ClassTrigger]]]) -> tuple[ClassTrigger, ...]:
+    """The audited model's other reached stamps for `kept`'s class, one per round."""
+    same = (t for round_ in rounds for t in round_[0] if t.target == kept.target)
+    return tuple(t for t in same if t.reached and t is not kept)
 
 
 def _targets(
@@ -257,50 +316,62 @@ def shortlist(
     return [int(c) for c in np.argsort(-growth, kind="stable")]
 
 
-def _scores(found: list[list[ClassTrigger]]) -> tuple[ClassScore, ...]:
-    """Per class: area, reached, and the anomaly index (of the log ratio when a reference ran)."""
-    own = found[0]
-    ref = found[1] if len(found) > 1 else None
-    values = {
-        t.target: float(np.log(t.area) - (np.log(ref[i].area) if ref else 0.0)) for i, t in enumerate(own)
-    }
+def _mean_logs(rounds: list[list[list[ClassTrigger]]], model: int) -> np.ndarray:
+    """float64 (targets,): each class's log area, averaged over the rounds, on model 0 (audited)
+    or 1 (reference)."""
+    return np.log([[t.area for t in r[model]] for r in rounds]).mean(axis=0)
+
+
+def _values(rounds: list[list[list[ClassTrigger]]]) -> dict[int, float]:
+    """{class: mean log area}, less the reference's mean log area when a reference ran."""
+    values = _mean_logs(rounds, 0) - (_mean_logs(rounds, 1) if len(rounds[0]) > 1 else 0.0)
+    return {t.target: float(v) for t, v in zip(rounds[0][0], values, strict=True)}
+
+
+def _scores(rounds: list[list[list[ClassTrigger]]], values: dict[int, float]) -> tuple[ClassScore, ...]:
+    """Per class: area (geometric mean over rounds), reached (in any round), the anomaly index
+    of its value (`_values`) and the reference's area (geometric mean) when a reference ran."""
+    logs = _mean_logs(rounds, 0)
+    ref_logs = _mean_logs(rounds, 1) if len(rounds[0]) > 1 else None
+    targets = [t.target for t in rounds[0][0]]
     indices = anomaly_indices(values)
+    reached = [any(r[0][i].reached for r in rounds) for i in range(len(targets))]
     return tuple(
         ClassScore(
-            t.target,
-            round(t.area, 6),
-            t.reached,
-            round(indices[t.target], 4),
-            None if ref is None else round(ref[i].area, 6),
+            target,
+            round(float(np.exp(logs[i])), 6),
+            reached[i],
+            round(indices[target], 4),
+            None if ref_logs is None else round(float(np.exp(ref_logs[i])), 6),
         )
-        for i, t in enumerate(own)
+        for i, target in enumerate(targets)
     )
 
 
 def _confirm(
     triggers: Sequence[ClassTrigger],
-    scores: Sequence[ClassScore],
-    threshold: float,
+    flagged: dict[int, float],
     holdout: torch.Tensor,
     predict: PredictFn,
     reference: tuple[DifferentiableModel, PredictFn] | None,
     config: InversionConfig,
     clock: _Clock,
 ) -> tuple[RecoveredTrigger, ...]:
-    """Every class over the threshold, with its stamp's held-out success (and on the reference)."""
+    """Every flagged class ({class: index}, `decide.outliers`) whose stamp reached the goal, with
+    the stamp's held-out success (and on the reference)."""
     by_target = {t.target: t for t in triggers}
     out = []
-    for score in sorted(scores, key=lambda s: -s.index):
-        if score.index < threshold or not score.reached:
+    for target, index in flagged.items():
+        trigger = by_target[target]
+        if not trigger.reached:
             continue
-        trigger = by_target[score.target]
         own = _success(trigger, holdout, predict, clock)
         theirs = None if reference is None else _success(trigger, holdout, reference[1], clock)
         natural = theirs is not None and theirs >= config.reference_ratio * own
         out.append(
             RecoveredTrigger(
                 trigger,
-                score.index,
+                round(index, 4),
                 round(own, 4),
                 None if theirs is None else round(theirs, 4),
                 own >= config.confirm_success and not natural,

@@ -18,7 +18,7 @@ import numpy as np
 
 from auditor.data import Dataset, ImageDecodeError, load_image
 from auditor.inversion.audit import Inversion, InversionConfig, PredictFn, invert
-from auditor.inversion.search import ClassTrigger, DifferentiableModel, stamp_image
+from auditor.inversion.search import ClassTrigger, DifferentiableModel, SearchConfig, stamp_image
 from auditor.models import LoadedModel
 from auditor.report import (
     FindingInfo,
@@ -58,7 +58,8 @@ def model_level(
 
     source = images or ctx.dataset
     chosen = [i for i in range(len(source.samples)) if images is not None or i not in excluded]
-    config = InversionConfig(budget_seconds=budget)
+    # The scan's --seed seeds the search too, so that another seed is an independent run.
+    config = InversionConfig(budget_seconds=budget, search=SearchConfig(seed=ctx.config.seed))
     order = np.random.default_rng(ctx.config.seed).permutation(len(chosen))
     scorer = ctx.exact_scorer or ctx.scorer
     model = DifferentiableModel(ctx.loaded, scorer.class_weights)
@@ -119,7 +120,9 @@ def stamp_compact(ctx: ScanContext, inversion: Inversion, excluded: set[int]) ->
 
     A labelled image keeps its label; an unlabelled one is captioned with the model's prediction.
     """
-    stamps = [_rgba(r.trigger) for r in inversion.confirmed]
+    # Every round's stamp of a confirmed target, in turn: the planted trigger is one shortcut and
+    # each round found its own shape of it; unlearning them all generalizes better than one.
+    stamps = [_rgba(t) for r in inversion.confirmed for t in (r.trigger, *r.alternates)]
     if not stamps:
         return ()
     classes = ctx.dataset.classes
@@ -207,10 +210,11 @@ def inversion_info(inversion: Inversion, classes: list[str], budget: float) -> I
         if inversion.covered == "all"
         else f"a shortlist of {len(inversion.searched)} of {inversion.classes} classes"
     )
+    rounds = f"{inversion.rounds} round{'s' if inversion.rounds != 1 else ''}"
     state = (
-        "complete"
+        f"complete ({rounds})"
         if inversion.complete
-        else f"cut short by the budget ({budget:.0f} s) after {inversion.steps} steps"
+        else f"cut short by the budget ({budget:.0f} s): {rounds} of {inversion.steps} steps kept"
     )
     if recovered:
         found = "; ".join(
@@ -242,6 +246,7 @@ def inversion_info(inversion: Inversion, classes: list[str], budget: float) -> I
         recovered=recovered,
         budget_seconds=round(budget, 2),
         steps=inversion.steps,
+        rounds=inversion.rounds,
         seconds=inversion.seconds,
         passes=inversion.passes,
         images=inversion.images,

@@ -4,13 +4,12 @@ scanned with clean images only, judged against what their generator planted."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from auditor.inversion.decide import anomaly_indices, max_index_threshold
+from auditor.inversion.decide import anomaly_indices, max_index_threshold, outliers
 from auditor.report import InversionInfo, RecoveredTriggerInfo, SearchedClassInfo
 from benchmarks import matrix
 
@@ -33,6 +32,19 @@ def test_one_class_far_below_the_others_is_the_only_one_flagged():
     indices = anomaly_indices(values)
     threshold = max_index_threshold(12, 0.01)
     assert [c for c, v in indices.items() if v >= threshold] == [7]
+
+
+def test_two_planted_targets_are_both_flagged_step_down_and_a_null_model_rarely_is():
+    """Two low classes inflate each other's baseline spread; the step-down test still finds both,
+    and on values with no outlier it flags a model as often as the single test (its first step)."""
+    rng = np.random.default_rng(5)
+    values = dict(enumerate(rng.normal(-3.0, 0.2, size=12)))
+    values[2], values[9] = -4.6, -4.3  # two planted targets, 8 and 6 sd below the others
+    assert anomaly_indices(values)[9] < max_index_threshold(12)  # one pass over all misses it
+    assert sorted(outliers(values)) == [2, 9]
+    null = rng.normal(size=(2000, 12))
+    flagged = np.mean([bool(outliers(dict(enumerate(d)))) for d in null])
+    assert abs(flagged - 0.05) < 0.02, flagged
 
 
 def test_the_inversion_block_round_trips_through_the_json_contract():
@@ -58,16 +70,7 @@ def test_the_inversion_block_round_trips_through_the_json_contract():
     assert InversionInfo.from_dict(raw) == info and InversionInfo.from_dict(raw).to_dict() == raw
 
 
-WEIGHTS = Path(__file__).parent.parent / "data" / "matrix"
 ROWS = {row.name: row for row in matrix.ROWS}
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = tmp_path_factory.mktemp("matrix-cache")
-    for weights in WEIGHTS.glob("*.safetensors"):
-        shutil.copy(weights, cache / weights.name)
-    return cache
 
 
 def _clean_only_scan(name: str, folder: Path, work: Path) -> tuple[dict, dict]:
@@ -77,19 +80,8 @@ def _clean_only_scan(name: str, folder: Path, work: Path) -> tuple[dict, dict]:
     model_path = matrix.weights_path(row, folder)
     reference = matrix.weights_path(matrix.reference_row(row), folder)
     assert model_path.exists() and reference.exists(), f"committed weights for {name} are missing"
-    truth, fresh, reference = matrix.model_only_data(row, folder, work)
-    _, report = matrix.scan_row(
-        row,
-        folder,
-        model_path,
-        work / "scan",
-        work / "out",
-        "--inversion-data",
-        str(work / "fresh"),
-        "--reference",
-        str(reference),
-        "--inversion-budget",
-        str(matrix.MODEL_ONLY_BUDGET),
+    truth, _, report, _ = matrix.model_only_scan(
+        row, folder, model_path, work, "--inversion-budget", str(matrix.MODEL_ONLY_BUDGET)
     )
     return truth, report
 

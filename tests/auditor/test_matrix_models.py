@@ -11,24 +11,13 @@ up here as a missing file, not as a silent retrain).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from benchmarks import matrix
 
-WEIGHTS = Path(__file__).parent.parent / "data" / "matrix"
 ROWS = {row.name: row for row in matrix.ROWS}
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A matrix cache holding only the committed weights (the benchmark writes arch files there)."""
-    cache = tmp_path_factory.mktemp("matrix-cache")
-    for weights in WEIGHTS.glob("*.safetensors"):
-        shutil.copy(weights, cache / weights.name)
-    return cache
 
 
 def _run(name: str, folder: Path, tmp_path: Path) -> dict:
