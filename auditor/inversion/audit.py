@@ -12,8 +12,12 @@
 4. Decision (`auditor.inversion.decide`): the anomaly index of each class against a threshold
    calibrated for the number of classes searched, step-down for a second or third target.
 5. Confirmation: an outlying class's stamp must turn `confirm_success` of the held-out images
-   (that the search never saw) into its class; with a reference, the same stamp must not work
-   there half as well (it would be a natural adversarial patch, not a backdoor).
+   (that the search never saw) into its class, and the same stamp must not work half as well on
+   the reference (it would be a natural adversarial patch, not a backdoor). Without a reference
+   nothing is confirmed: an outlying class is reported, as a suspect. On the matrix's weak
+   clean ResNet, "road sign" (flat, saturated pictures) is as cheap a target as a planted one
+   (index 5-9 without a reference, under 3 with one), and its stamp works on held-out images:
+   only a reference tells the two apart.
 
 Gradients (2, 3) run in PyTorch. The forward-only steps (the shortlist's before / after
 predictions, the confirmation) go through `predict`, which the scan points at its engine.
@@ -374,7 +378,7 @@ def _confirm(
                 round(index, 4),
                 round(own, 4),
                 None if theirs is None else round(theirs, 4),
-                own >= config.confirm_success and not natural,
+                own >= config.confirm_success and theirs is not None and not natural,
             )
         )
     return tuple(out)

@@ -220,7 +220,13 @@ def inversion_info(inversion: Inversion, classes: list[str], budget: float) -> I
         found = "; ".join(
             f"'{r.label}' index {r.index:.2f}, held-out success {r.holdout_success:.2f}"
             + ("" if r.reference_success is None else f", on the reference {r.reference_success:.2f}")
-            + (" (confirmed)" if r.confirmed else " (not confirmed)")
+            + (
+                " (confirmed)"
+                if r.confirmed
+                else " (not confirmed: without --reference a natural shortcut looks the same)"
+                if r.reference_success is None
+                else " (not confirmed)"
+            )
             for r in recovered
         )
     else:
