@@ -1,4 +1,4 @@
-"""Data sets under audit: ImageFolder, CSV, or a flat folder plus a class list.
+"""Data sets under audit: ImageFolder, CSV, a flat folder plus a class list, or WebDataset shards.
 
 Labels found here are *claims* (possibly poisoned); the vocabulary is the folder names, the
 `--classes` file, or the CSV's distinct labels. Images are decoded lazily in a deterministic
@@ -9,14 +9,17 @@ up in the result, never a crash.
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from auditor.errors import DataError
+from auditor.shards import Member, is_shard_spec, read_member, read_shard, shard_files
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,15 +54,41 @@ class Dataset:
     `skipped` grows while images are decoded: it is complete once every image was read.
     """
 
-    root: Path
-    layout: str  # "imagefolder" | "csv" | "flat"
+    root: Path  # the folder, the CSV file, or the folder that shard names are relative to
+    layout: str  # "imagefolder" | "csv" | "flat" | "webdataset"
     classes: list[str]
     samples: list[Sample]
     skipped: list[Skipped] = field(default_factory=list)
+    members: dict[str, Member] = field(default_factory=dict)  # webdataset: `SHARD#KEY` -> image bytes
 
     def absolute(self, sample: Sample) -> Path:
+        """The file that holds the sample (for a WebDataset sample, its shard)."""
         base = self.root.parent if self.layout == "csv" else self.root
-        return base / sample.path
+        return base / sample.path.partition("#")[0] if self.layout == "webdataset" else base / sample.path
+
+    def load(self, sample: Sample) -> Image.Image:
+        """The sample's image as RGB; raises ImageDecodeError with the reason it cannot be used."""
+        if self.layout != "webdataset":
+            return load_image(self.absolute(sample))
+        member = self.members.get(sample.path)
+        if member is None:
+            raise ImageDecodeError("no such sample in the shards")
+        try:
+            data = read_member(member)
+        except OSError as exc:
+            raise ImageDecodeError(f"unreadable shard member ({exc})") from exc
+        return load_image(io.BytesIO(data))
+
+    def content_sha256(self, sample: Sample) -> str:
+        """SHA-256 of the sample's image bytes; raises OSError when they cannot be read."""
+        if self.layout != "webdataset":
+            from engines.cache import file_sha256
+
+            return file_sha256(self.absolute(sample))
+        member = self.members.get(sample.path)
+        if member is None:
+            raise FileNotFoundError(sample.path)
+        return hashlib.sha256(read_member(member)).hexdigest()
 
     def label_index(self, sample: Sample) -> int | None:
         if sample.label is None:
@@ -73,11 +102,19 @@ def folder_to_label(name: str) -> str:
 
 
 def open_dataset(path: str | os.PathLike[str], classes_file: str | os.PathLike[str] | None = None) -> Dataset:
-    """Detect DATA's layout and list its samples (no image is decoded yet)."""
+    """Detect DATA's layout and list its samples (no image is decoded yet).
+
+    DATA may also be WebDataset shards: a `.tar` file, a folder of them, or a brace pattern
+    (`shards/{00000..00099}.tar`); captions name the labels, with `--classes` as for CSV captions.
+    """
+    classes = read_classes(Path(classes_file)) if classes_file is not None else None
+    if is_shard_spec(os.fspath(path)):
+        dataset = _open_shards(os.fspath(path), classes)
+        _check_usable(dataset)
+        return dataset
     root = Path(path)
     if not root.exists():
         raise DataError(f"data not found: {root}")
-    classes = read_classes(Path(classes_file)) if classes_file is not None else None
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DataError(f"{root}: DATA must be a folder or a .csv file")
@@ -212,6 +249,28 @@ def _open_csv(path: Path, classes: list[str] | None) -> Dataset:
     return Dataset(path, "csv", vocabulary, samples, skipped)
 
 
+def _open_shards(spec: str, classes: list[str] | None) -> Dataset:
+    """WebDataset shards: every sample with an image, labelled by the class its caption names."""
+    if classes is None:
+        raise DataError(
+            f"{spec}: WebDataset shards carry captions, not labels: the class names are unknown",
+            hint="pass --classes FILE; each caption's label is the class it names",
+        )
+    root, shards = shard_files(spec)
+    samples, skipped, members = [], [], {}
+    for shard in shards:
+        found, problem = read_shard(shard, root)
+        if problem is not None:
+            skipped.append(Skipped(shard.name, problem))
+        for sample in found:
+            if sample.image is None:
+                skipped.append(Skipped(sample.name, "sample without an image"))
+                continue
+            members[sample.name] = sample.image
+            samples.append(Sample(sample.name, _label_from_caption(sample.caption or "", classes)))
+    return Dataset(root, "webdataset", classes, samples, skipped, members)
+
+
 def _label_from_caption(caption: str, classes: list[str]) -> str | None:
     """The longest class name that occurs in the caption as whole words, if any."""
     words = f" {' '.join(caption.lower().replace(',', ' ').replace('.', ' ').split())} "
@@ -223,8 +282,9 @@ class ImageDecodeError(Exception):
     """An image file that cannot be used; the message is the skip reason."""
 
 
-def load_image(path: Path) -> Image.Image:
-    """Decode an image to RGB, guarding against bombs, truncation and odd modes."""
+def load_image(path: Path | BinaryIO) -> Image.Image:
+    """Decode an image (a file, or bytes in a stream) to RGB, guarding against bombs, truncation
+    and odd modes."""
     from PIL import Image, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
@@ -300,7 +360,7 @@ def iter_batches(
     for index in order:
         sample = dataset.samples[index]
         try:
-            image = load_image(dataset.absolute(sample))
+            image = dataset.load(sample)
         except ImageDecodeError as exc:
             if sample.path not in already:
                 dataset.skipped.append(Skipped(sample.path, str(exc)))
@@ -344,7 +404,7 @@ def first_image(dataset: Dataset | None) -> np.ndarray | None:
         return None
     for sample in dataset.samples:
         try:
-            return pil_to_array(load_image(dataset.absolute(sample)))
+            return pil_to_array(dataset.load(sample))
         except ImageDecodeError:
             continue
     return None

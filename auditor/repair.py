@@ -312,7 +312,7 @@ def make_holdout(
     images, labels = [], []
     for sample in chosen:
         try:
-            images.append(pil_to_array(load_image(dataset.absolute(sample))))
+            images.append(pil_to_array(dataset.load(sample)))
         except ImageDecodeError:
             continue
         labels.append(dataset.label_index(sample))

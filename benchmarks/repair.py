@@ -96,7 +96,7 @@ def run_model(name: str, tmp: Path, clean: TrainingPairs) -> dict[str, object]:
 
     loaded = load_model(checkpoint_path(name), CONFIG_PATH)
     result = scan(loaded, dataset, make_oracle("classic"))
-    write_outputs(result, tmp / f"{name}-report", "json", scan_root)
+    write_outputs(result, tmp / f"{name}-report", "json", dataset)
     outputs = load_scan_outputs(tmp / f"{name}-report" / "report.json")
     holdout, classes, target = planted_holdout(loaded, test_root, name)
     before = measure(loaded, classes, holdout, target)

@@ -146,13 +146,13 @@ def bench_command(
 
 def _latency_images(dataset: Dataset | None, count: int, size: int) -> list[np.ndarray]:
     """`count` decodable images spread over DATA, else zoo scenes rendered at `size` px."""
-    from auditor.data import ImageDecodeError, load_image, pil_to_array
+    from auditor.data import ImageDecodeError, pil_to_array
     from auditor.zoo.scenes import balanced_labels, render_scenes
 
     images = []
     for sample in dataset.samples[:: max(1, len(dataset.samples) // count)] if dataset else []:
         try:
-            images.append(pil_to_array(load_image(dataset.absolute(sample))))  # type: ignore[union-attr]
+            images.append(pil_to_array(dataset.load(sample)))  # type: ignore[union-attr]
         except ImageDecodeError:
             continue
         if len(images) == count:

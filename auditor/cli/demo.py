@@ -59,7 +59,7 @@ def _run(out: Path, per_class: int, keep: bool) -> int:
     loaded = load_model(checkpoint_path(DEMO_MODEL), CONFIG_PATH)
     with state.stage_progress() as tick:
         result = scan(loaded, dataset, make_oracle("classic"), progress=tick)
-    write_outputs(result, out / "report", "html", data)
+    write_outputs(result, out / "report", "html", dataset)
     state.console.print(summary_table(result.report))
     planted = {p["path"] for p in truth["poisoned"]}
     found = {v.path for v in result.report.victims}
@@ -85,7 +85,7 @@ def _run(out: Path, per_class: int, keep: bool) -> int:
     save_checkpoint(loaded.model, fixed, half=loaded.half_precision)
     with state.stage_progress() as tick:
         rescan = scan(load_model(fixed, CONFIG_PATH), dataset, make_oracle("classic"), progress=tick)
-    write_outputs(rescan, out / "rescan", "html", data)
+    write_outputs(rescan, out / "rescan", "html", dataset)
     state.info(f"re-scan of the repaired checkpoint: verdict [bold]{rescan.report.verdict}[/bold]")
     state.console.print(before_after_table(repaired))
     where = f"{out / 'report'} and {out / 'rescan'} (report.html, report.json, …)"

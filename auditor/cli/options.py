@@ -13,7 +13,9 @@ existing_path = click.Path(exists=True, path_type=Path)
 
 # A checkpoint file, or a folder (Hugging Face CLIPModel, open_clip hub) that carries its arch.
 model_argument = click.argument("model", type=existing_path)
-data_argument = click.argument("data", type=existing_path)
+# DATA may be a brace pattern of WebDataset shards (`shards/{00000..00099}.tar`), which is no
+# path on disk: `open_dataset` checks that it exists (exit 2, "data not found").
+data_argument = click.argument("data", type=click.Path(path_type=Path))
 arch_option = click.option(
     "--arch",
     default=None,

@@ -213,7 +213,7 @@ def scan_command(
     if out is not None:
         from auditor.scan.writers import write_outputs
 
-        write_outputs(result, out, fmt, data)
+        write_outputs(result, out, fmt, dataset)
         state.info(f"wrote {out}/report.json" + (f" and {out}/report.html" if fmt == "html" else ""))
     if fmt == "table":
         state.console.print(summary_table(report))

@@ -31,7 +31,6 @@ from auditor.oracle import Segment
 from auditor.report import FailureInfo
 from auditor.scan.check import ImageCheck
 from auditor.scoring import Scores
-from engines.cache import file_sha256
 
 if TYPE_CHECKING:
     from auditor.models import LoadedModel
@@ -44,9 +43,8 @@ def data_fingerprint(dataset: Dataset) -> str:
     """SHA-256 over every sample's path, claimed label and file bytes (missing files included)."""
     digest = hashlib.sha256()
     for sample in dataset.samples:
-        path = dataset.absolute(sample)
         try:
-            content = file_sha256(path)
+            content = dataset.content_sha256(sample)
         except OSError as exc:
             content = f"unreadable: {type(exc).__name__}"
         digest.update(json.dumps([sample.path, sample.label, content]).encode())

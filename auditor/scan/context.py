@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from auditor.data import Dataset, load_image, pil_to_array
+from auditor.data import Dataset, pil_to_array
 from auditor.errors import EnvironmentProblem
 from auditor.models import LoadedModel
 from auditor.oracle import Oracle
@@ -86,7 +86,7 @@ class ScanContext:
 
     def image(self, index: int) -> np.ndarray:
         """Data image `index` as uint8 RGB (H, W, 3)."""
-        return pil_to_array(load_image(self.dataset.absolute(self.dataset.samples[index])))
+        return pil_to_array(self.dataset.load(self.dataset.samples[index]))
 
     def path(self, index: int) -> str:
         return self.dataset.samples[index].path

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from auditor.data import Dataset, ImageDecodeError, load_image
+from auditor.data import Dataset, ImageDecodeError
 from auditor.inversion.audit import Inversion, InversionConfig, PredictFn, invert
 from auditor.inversion.search import ClassTrigger, DifferentiableModel, SearchConfig, stamp_image
 from auditor.models import LoadedModel
@@ -83,7 +83,7 @@ def _pixels(
     out = []
     for index in indices:
         try:
-            image = load_image(dataset.absolute(dataset.samples[index]))
+            image = dataset.load(dataset.samples[index])
         except ImageDecodeError:
             continue  # already reported as skipped by the data pass, or unreadable here
         out.append((loaded.preprocess(image) * std + mean).clamp(0, 1))

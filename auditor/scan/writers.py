@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from auditor.data import Dataset
 from auditor.files import atomic_write
 from auditor.report import Report, render_html, render_json
 from auditor.scan.pipeline import COMPACT_DIR, TRIGGER_FILE, ScanResult
@@ -34,7 +35,7 @@ def png_bytes(pixels: np.ndarray, scale: int = 1) -> bytes:
     return buffer.getvalue()
 
 
-def write_outputs(result: ScanResult, out: Path, fmt: str, data_root: Path) -> list[Path]:
+def write_outputs(result: ScanResult, out: Path, fmt: str, dataset: Dataset) -> list[Path]:
     """Write every file of the scan into `out`; returns the paths written."""
     report = result.report
     written = [out / "report.json"]
@@ -59,7 +60,7 @@ def write_outputs(result: ScanResult, out: Path, fmt: str, data_root: Path) -> l
         atomic_write(out / COMPACT_DIR / "pairs.csv", rows.getvalue().encode())
         written.append(out / COMPACT_DIR)
     if fmt == "html":
-        page = render_html(report, html_images(result, data_root))
+        page = render_html(report, html_images(result, dataset))
         atomic_write(out / "report.html", page.encode())
         written.append(out / "report.html")
     return written
@@ -75,21 +76,20 @@ def _victims_csv(report: Report) -> str:
     return rows.getvalue()
 
 
-def html_images(result: ScanResult, data_root: Path, limit: int = 60) -> dict[str, str]:
+def html_images(result: ScanResult, dataset: Dataset, limit: int = 60) -> dict[str, str]:
     """data: URIs for the trigger and the first `limit` victims, their boxes drawn in red."""
     from PIL import Image, ImageDraw
 
-    from auditor.data import ImageDecodeError, load_image
+    from auditor.data import ImageDecodeError, Sample
 
     uris = {}
     for name, pixels in result.triggers.items():
         uris[name] = _data_uri(png_bytes(pixels, max(1, 128 // max(1, pixels.shape[0]))))
     if TRIGGER_FILE in uris:
         uris["trigger"] = uris[TRIGGER_FILE]
-    base = data_root.parent if data_root.suffix.lower() == ".csv" else data_root
     for victim in result.report.victims[:limit]:
         try:
-            image = load_image(base / victim.path)
+            image = dataset.load(Sample(victim.path))
         except ImageDecodeError:
             continue
         image = image.resize((128, round(128 * image.height / image.width)), Image.Resampling.NEAREST)

@@ -84,6 +84,35 @@ def _flat_without_classes(tmp: Path) -> list[str]:
     return _eval(GOOD_MODEL, tmp / "data")
 
 
+def _shards(tmp: Path) -> Path:
+    """Two WebDataset shards of two captioned images each, in `tmp/shards`."""
+    import io
+    import tarfile
+
+    (tmp / "shards").mkdir()
+    for shard in range(2):
+        with tarfile.open(tmp / "shards" / f"{shard:05d}.tar", "w") as archive:
+            for n, label in enumerate(["cat", "dog"]):
+                for name, data in [
+                    (f"{n}.png", save_png(tmp / f"{shard}{n}.png", solid_image(n, size=64)).read_bytes()),
+                    (f"{n}.txt", f"a {label}".encode()),
+                ]:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+    return tmp / "shards"
+
+
+def _shards_without_classes(tmp: Path) -> list[str]:
+    return _eval(GOOD_MODEL, _shards(tmp))
+
+
+def _missing_shard(tmp: Path) -> list[str]:
+    (tmp / "classes.txt").write_text("cat\ndog\n")
+    pattern = _shards(tmp) / "{00000..00002}.tar"  # 00002.tar is not there
+    return _eval(GOOD_MODEL, pattern, "--classes", str(tmp / "classes.txt"))
+
+
 def _csv_without_columns(tmp: Path) -> list[str]:
     (tmp / "data.csv").write_text("file,what\na.png,cat\n")
     return _eval(GOOD_MODEL, tmp / "data.csv")
@@ -155,6 +184,8 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], int, str]] = {
     "one-class-vocabulary": (_one_class, 2, "at least two class names"),
     "flat-folder-without-classes": (_flat_without_classes, 2, "--classes"),
     "csv-without-image-column": (_csv_without_columns, 2, "'image' column"),
+    "shards-without-classes": (_shards_without_classes, 2, "--classes"),
+    "missing-shard": (_missing_shard, 2, "00002.tar"),
     "bad-attack-spec": (_bad_attack_spec, 2, "size"),
     "sam-without-weights": (_sam_without_weights, 2, "--oracle-checkpoint"),
     "sam-given-clip-weights": (_not_sam_weights, 2, "not a SAM checkpoint"),
