@@ -117,7 +117,7 @@ def open_dataset(path: str | os.PathLike[str], classes_file: str | os.PathLike[s
         raise DataError(f"data not found: {root}")
     if root.is_file():
         if root.suffix.lower() != ".csv":
-            raise DataError(f"{root}: DATA must be a folder or a .csv file")
+            raise DataError(f"{root}: DATA must be a folder, a .csv file or WebDataset .tar shards")
         dataset = _open_csv(root, classes)
     elif any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
         dataset = _open_imagefolder(root, classes)

@@ -1047,6 +1047,12 @@ def main() -> None:
     parser.add_argument("--split", choices=["tuning", "heldout", "all"], default="tuning")
     parser.add_argument("--only", nargs="*", help="row names")
     parser.add_argument("--train-only", action="store_true")
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="re-measure saved rows' clean accuracy and attack success on the cached weights (a fresh "
+        "machine retrains them, and training is not bit-exact across machines)",
+    )
     parser.add_argument("--repair", action="store_true")
     parser.add_argument(
         "--model-only",
@@ -1084,6 +1090,14 @@ def main() -> None:
                 print(json.dumps({"name": row.name, **quality}), flush=True)
         return
     results = {r["name"]: r for r in _saved_rows(args.out)}
+    if args.evaluate:
+        with tempfile.TemporaryDirectory(prefix="matrix-") as tmp:
+            for row in rows:
+                quality = evaluate_row(row, folder, train(row, folder), Path(tmp) / row.name / "test")
+                results[row.name] = {**(results.get(row.name) or asdict(row)), **quality}
+                print(json.dumps({"name": row.name, **quality}), flush=True)
+        write_result(args.out, "matrix", _body(_in_row_order(list(results.values()))))
+        return
     if args.model_only:
         with tempfile.TemporaryDirectory(prefix="matrix-") as tmp:
             for row in rows:

@@ -225,6 +225,8 @@ def inversion_info(inversion: Inversion, classes: list[str], budget: float) -> I
                 if r.confirmed
                 else " (not confirmed: without --reference a natural shortcut looks the same)"
                 if r.reference_success is None
+                else " (not confirmed: the search was cut short)"
+                if not inversion.complete
                 else " (not confirmed)"
             )
             for r in recovered
