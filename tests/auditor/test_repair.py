@@ -69,20 +69,19 @@ def test_compact_set_is_at_most_a_tenth_of_the_scan_data(repaired):
 
 
 def test_rescan_of_repaired_model_is_clean(repaired):
-    """A default rescan (no reference) is clean. The model-level search that runs after the
-    empty data pass may still find the old target outlying: on patch-random a stamp of 10 % of
-    the image turned 96 % of held-out images into banana while every other class needed
-    18-19 % (index 6.6; the clean zoo model's largest is 1.2). The repair removes the planted
-    trigger, not every trace of the target. Without a reference such an outlier is a suspect,
-    not a finding; whether the budget (the data pass's time) lets the search get that far
-    depends on the machine, so what is checked is that it names no other class."""
+    """A default rescan (no reference) is clean and finds no victim. The model-level search that
+    runs after the empty data pass may still find a class outlying: on patch-random the old
+    target (a 10 % stamp into banana against 18-19 % for every other class, index 6.6; the
+    clean zoo model's largest is 1.2), so the repair removes the planted trigger, not every
+    trace of the target; on patch-corner a natural class (flower), not the target. Without a
+    reference nothing is confirmed, so either is a suspect, never a finding."""
     out = repaired["tmp"] / "rescan"
     argv = ["scan", str(repaired["fixed"]), str(repaired["tmp"] / "scan"), "--arch", str(CONFIG_PATH)]
     assert run([*argv, "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["verdict"] == "clean" and report["victims"] == []
-    outlying = {r["label"] for r in report["inversion"]["recovered"]}
-    assert outlying <= {repaired["truth"]["target"]}
+    assert report["verdict"] == "clean" and report["victims"] == [] and report["findings"] == []
+    assert not any(r["confirmed"] for r in report["inversion"]["recovered"])
+    assert {r["label"] for r in report["inversion"]["recovered"]} <= set(report["suspects"])
 
 
 def test_repaired_checkpoint_keeps_the_input_format_and_loads_in_open_clip(repaired):
