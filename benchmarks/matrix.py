@@ -643,9 +643,11 @@ def model_only(row: Row, folder: Path, model_path: Path, work: Path, repair: boo
     from auditor.inversion.audit import InversionConfig
     from auditor.inversion.decide import anomaly_indices, max_index_threshold
 
-    default = _default_budget(row, folder, model_path, work)
-    truth, code, report, seconds = model_only_scan(
-        row, folder, model_path, work, "--inversion-budget", str(MODEL_ONLY_BUDGET)
+    prepared = model_only_data(row, folder, work)  # written once, scanned twice
+    truth = prepared[0]
+    default = _default_budget(row, folder, model_path, work, prepared)
+    code, report, seconds = model_only_scan(
+        row, folder, model_path, work, prepared, "--inversion-budget", str(MODEL_ONLY_BUDGET)
     )
     inversion = report.get("inversion") or {}
     per_class = inversion.get("per_class", [])
@@ -663,7 +665,7 @@ def model_only(row: Row, folder: Path, model_path: Path, work: Path, repair: boo
         "exit": code,
         "verdict": report["verdict"],
         "targets_found": found,
-        "targets_right": bool(targets) and targets <= set(found) and set(found) <= targets,
+        "targets_right": bool(targets) and set(found) == targets,
         "data_targets": [
             f["target"] for f in report.get("findings", []) if f.get("evidence_source") == "data"
         ],
@@ -688,11 +690,18 @@ def model_only(row: Row, folder: Path, model_path: Path, work: Path, repair: boo
 
 
 def model_only_scan(
-    row: Row, folder: Path, model_path: Path, work: Path, *options: str, out: str = "out"
-) -> tuple[dict[str, Any], int, dict[str, Any], float]:
-    """(ground truth, exit code, report, scan seconds) of `row`'s model scanned with clean images
-    only (`model_only_data`) and its clean reference, into `work/out`, from a fresh data pass."""
-    truth, fresh, reference = model_only_data(row, folder, work)
+    row: Row,
+    folder: Path,
+    model_path: Path,
+    work: Path,
+    prepared: tuple[dict[str, Any], Path, Path],
+    *options: str,
+    out: str = "out",
+) -> tuple[int, dict[str, Any], float]:
+    """(exit code, report, scan seconds) of `row`'s model scanned with clean images only and its
+    clean reference (`prepared`, what `model_only_data` wrote), into `work/out`, from a fresh
+    data pass."""
+    _, fresh, reference = prepared
     shutil.rmtree(work / out, ignore_errors=True)  # not resumed from an earlier scan's cache
     started = time.time()
     code, report = scan_row(
@@ -707,7 +716,7 @@ def model_only_scan(
         str(reference),
         *options,
     )
-    return truth, code, report, time.time() - started
+    return code, report, time.time() - started
 
 
 def inversion_targets(report: dict[str, Any]) -> list[str]:
@@ -715,11 +724,13 @@ def inversion_targets(report: dict[str, Any]) -> list[str]:
     return [f["target"] for f in report.get("findings", []) if f.get("evidence_source") != "data"]
 
 
-def _default_budget(row: Row, folder: Path, model_path: Path, work: Path) -> dict[str, Any]:
+def _default_budget(
+    row: Row, folder: Path, model_path: Path, work: Path, prepared: tuple[dict[str, Any], Path, Path]
+) -> dict[str, Any]:
     """The same audit with the default budget (as long as the data pass took): how much of the
     search it kept, its verdict and wall time."""
-    truth, _, report, seconds = model_only_scan(row, folder, model_path, work, out="out-default")
-    targets = set(truth["targets"])
+    _, report, seconds = model_only_scan(row, folder, model_path, work, prepared, out="out-default")
+    targets = set(prepared[0]["targets"])
     inversion = report.get("inversion") or {}
     found = inversion_targets(report)
     return {

@@ -80,10 +80,11 @@ def _clean_only_scan(name: str, folder: Path, work: Path) -> tuple[dict, dict]:
     model_path = matrix.weights_path(row, folder)
     reference = matrix.weights_path(matrix.reference_row(row), folder)
     assert model_path.exists() and reference.exists(), f"committed weights for {name} are missing"
-    truth, _, report, _ = matrix.model_only_scan(
-        row, folder, model_path, work, "--inversion-budget", str(matrix.MODEL_ONLY_BUDGET)
+    prepared = matrix.model_only_data(row, folder, work)
+    _, report, _ = matrix.model_only_scan(
+        row, folder, model_path, work, prepared, "--inversion-budget", str(matrix.MODEL_ONLY_BUDGET)
     )
-    return truth, report
+    return prepared[0], report
 
 
 def test_a_weak_poisoned_matrix_model_is_found_from_clean_images_alone_and_repaired(folder, tmp_path):
