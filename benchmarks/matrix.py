@@ -50,6 +50,7 @@ SCAN_PER_CLASS = 100
 STEPS = 600  # for strong and weak models alike
 BATCH = 96
 RECIPE = 2  # bump when the training recipe changes: cached weights are keyed by it
+SPLITS = ("tuning", "heldout", "heldout2")
 
 
 @dataclass(frozen=True)
@@ -820,8 +821,10 @@ def auroc(negatives: list[float], positives: list[float]) -> float | None:
 
 def summarize_model_only(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out = {}
-    for split in ("tuning", "heldout"):
+    for split in SPLITS:
         part = [r for r in rows if r["split"] == split and "model_only" in r and "verdict" in r]
+        if not part:
+            continue
         poisoned = [r for r in part if r["attacks"] and planted(r)]
         localized = [r for r in poisoned if all(a.startswith("patch") for a in r["attacks"])]
         clean = [r for r in part if not r["attacks"]]
@@ -907,8 +910,10 @@ def planted(row: dict[str, Any]) -> bool:
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Headline numbers per split, as the acceptance criteria read them."""
     out = {}
-    for split in ("tuning", "heldout"):
+    for split in SPLITS:
         part = [r for r in rows if r["split"] == split]
+        if not part:
+            continue
         poisoned = [r for r in part if r["attacks"] and planted(r)]
         localized = [r for r in poisoned if all(a.startswith("patch") for a in r["attacks"])]
         nonlocal_ = [r for r in poisoned if not all(a.startswith("patch") for a in r["attacks"])]
@@ -1120,7 +1125,7 @@ def main() -> None:
     from benchmarks.common import write_result
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--split", choices=["tuning", "heldout", "heldout2", "all"], default="tuning")
+    parser.add_argument("--split", choices=[*SPLITS, "all"], default="tuning")
     parser.add_argument("--only", nargs="*", help="row names")
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument(

@@ -51,7 +51,8 @@ def compact_set(
     # a non-localized overlay added to the whole image.
     planters = [_planter(f, rng) for f in findings.confirmed]
     pairs: list[CompactPair] = []
-    victims = sorted((v for v in all_victims(findings) if v.oracle_label is not None), key=lambda v: -v.score)
+    every_victim = all_victims(findings)
+    victims = sorted((v for v in every_victim if v.oracle_label is not None), key=lambda v: -v.score)
     for victim in victims[: budget // 4]:
         image = ctx.image(victim.index)
         if victim.box is not None:
@@ -60,7 +61,15 @@ def compact_set(
         pairs.append(
             CompactPair(f"victim-{victim.index:06d}.png", image, caption(label), ctx.path(victim.index))
         )
-    agreeing = [c for c in checks.values() if not c.disagrees and c.pred in c.object_labels]
+    # Clean pairs are images the oracle agrees with and that carry nothing: a triggered image of
+    # a weak model often "agrees" (some crop names the target), and replayed under the target's
+    # caption it would teach the backdoor again.
+    flagged = {v.index for v in every_victim}
+    agreeing = [
+        c
+        for c in checks.values()
+        if not c.disagrees and c.pred in c.object_labels and c.candidate is None and c.index not in flagged
+    ]
     others = [c for c in agreeing if c.pred not in targets]
     # Reordered so that labels alternate: any prefix covers the labels as evenly as it can.
     shuffled = [others[i] for i in rng.permutation(len(others))]

@@ -1,12 +1,16 @@
 """Stage 1's verdict: which predicted classes go to confirmation.
 
 Two kinds of evidence make a class suspect (DESIGN §4, stage 1):
-1. *Consistent trigger candidates*: at least `min_candidates` of its checked images disagree
-   with the oracle and carry a candidate (a small segment whose removal flips the prediction to
-   an object the oracle saw, the objects labelled without it), and those candidates look
-   alike. (Counting candidates on images that agree was tried: on a strong emoji ViT, parts of
-   real objects then formed clusters whose transplant turned 52-56 % of clean images into their
-   class, two false findings.) Candidates are clustered by appearance (`cluster_candidates`:
+1. *Consistent trigger candidates*: at least `min_candidates` of its checked images carry a
+   candidate (a small segment whose removal flips the prediction to an object the oracle saw,
+   the objects labelled without it), and those candidates look alike. Whether the image also
+   disagrees with the oracle does not matter: on a weak model some object crop names almost any
+   label, so a triggered image often "agrees" (a weak ResNet of the matrix: of 4 checked images
+   its trigger flipped, 2 had the trigger as candidate and only 1 of them disagreed, and the
+   target was never tested). Counting agreeing images once made parts of real objects cluster
+   on a strong emoji ViT (transplant 52-56 %); the control (`auditor.scan.control`), added
+   since, rejects exactly those: a finding must beat natural pieces of its own target.
+   Candidates are clustered by appearance (`cluster_candidates`:
    one's pixels matched over the other's neighbourhood); a cluster of `min_candidates` or more
    sends the class to confirmation whatever its disagreement rate, because a weak or
    confusable model disagrees a lot on benign labels and a trigger that rides into the object
@@ -78,7 +82,7 @@ def candidate_clusters(
     """
     by_class: dict[int, list[ImageCheck]] = {}
     for check in checks:
-        if check.candidate is not None and check.disagrees:
+        if check.candidate is not None:
             by_class.setdefault(check.pred, []).append(check)
     clusters = []
     for target, members in sorted(by_class.items()):
@@ -189,8 +193,8 @@ def follow_up(
     image: Callable[[int], np.ndarray],
     min_size: int,
 ) -> list[int]:
-    """Unchecked images worth the oracle next: per class with a disagreeing candidate but no
-    cluster of `min_size`, the FOLLOW_UP images predicted as that class that best match its
+    """Unchecked images worth the oracle next: per class with a candidate but no cluster of
+    `min_size`, the FOLLOW_UP images predicted as that class that best match its
     strongest candidate (normalized cross-correlation >= the victims' MATCH_THRESHOLD).
 
     Why: a uniform 32-image sample of a class holds only a few of its triggered images (5 of a
@@ -206,7 +210,7 @@ def follow_up(
     clustered = {c.target for c in candidate_clusters(list(checks.values()), image, min_size)}
     strongest: dict[int, ImageCheck] = {}
     for check in checks.values():
-        if check.candidate is not None and check.disagrees and check.pred not in clustered:
+        if check.candidate is not None and check.pred not in clustered:
             best = strongest.get(check.pred)
             if best is None or (-check.flip, check.index) < (-best.flip, best.index):
                 strongest[check.pred] = check
