@@ -168,7 +168,7 @@ def _oracle_checks(
     run_checks(
         ctx, sample, probs, checks, lambda n: tick("oracle: sample", n, len(sample)), cache, retry_failed
     )
-    extra = follow_up(checks, preds, ctx.image, ctx.config.min_candidates)
+    extra = follow_up(checks, preds, ctx.image)
     run_checks(
         ctx, extra, probs, checks, lambda n: tick("oracle: follow-up", n, len(extra)), cache, retry_failed
     )

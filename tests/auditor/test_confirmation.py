@@ -10,8 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from auditor.oracle import Segment
+from auditor.scan.check import ImageCheck
 from auditor.scan.control import control_test, natural_pieces
-from auditor.scan.suspects import Appearance, _appearance, cluster_candidates, looks_alike
+from auditor.scan.suspects import (
+    Appearance,
+    _appearance,
+    candidate_clusters,
+    cluster_candidates,
+    follow_up,
+    looks_alike,
+)
 from auditor.scan.trigger import Prototype, align_boxes, build_prototype, fit_to_pattern
 
 SIDE, TRIGGER = 64, 8
@@ -72,6 +81,34 @@ def test_one_trigger_seen_through_jittered_boxes_clusters_apart_from_other_pixel
     largest = max((g for g in groups if g[0] < len(triggers)), key=len)
     assert len(largest) >= 4  # most of the six, well over the 3 a cluster needs
     assert all(looks_alike(triggers[largest[0]], triggers[i]) for i in largest[1:])
+
+
+def _checked(index: int, box: tuple[float, float, float, float], disagrees: bool) -> ImageCheck:
+    """An image predicted TARGET whose candidate is at `box`, agreeing with the oracle or not."""
+    mask = np.zeros((SIDE, SIDE), bool)
+    x0, y0, x1, y1 = (round(v * SIDE) for v in box)
+    mask[y0:y1, x0:x1] = True
+    objects = (0,) if disagrees else (TARGET, 0)  # a weak model: some crop names the target
+    return ImageCheck(index, TARGET, objects, disagrees, Segment.from_mask(mask), 0.9, 0, 0)
+
+
+def test_trigger_candidates_on_images_that_agree_with_the_oracle_still_form_the_targets_cluster():
+    """A weak model's triggered images often "agree" (some object crop names the target): their
+    candidates count, so the target reaches the transplant test (issue 13, weak noise ResNet)."""
+    images, places = _planted(seed=5, count=12)
+    rng = np.random.default_rng(6)
+    # Only one of the first four checked triggered images disagrees.
+    checks = [_checked(i, _jittered(places[i], rng), disagrees=i == 0) for i in range(4)]
+    clusters = candidate_clusters(checks, lambda i: images[i], min_size=3)
+    assert [c.target for c in clusters] == [TARGET]
+    assert len(clusters[0].checks) >= 3
+
+    # With only two checked, the follow-up starts from an agreeing image's candidate and picks
+    # the other planted images (every image here carries the trigger) by matching it.
+    two = {c.index: c for c in checks[1:3]}  # both agree with the oracle
+    unchecked = {i: TARGET for i in range(len(images))}
+    chosen = follow_up(two, unchecked, lambda i: images[i])
+    assert chosen and set(chosen) <= set(range(len(images))) - set(two)
 
 
 def test_aligned_boxes_sit_on_the_trigger_and_the_prototype_is_the_planted_pattern():
