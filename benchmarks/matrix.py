@@ -50,13 +50,13 @@ SCAN_PER_CLASS = 100
 STEPS = 600  # for strong and weak models alike
 BATCH = 96
 RECIPE = 2  # bump when the training recipe changes: cached weights are keyed by it
-SPLITS = ("tuning", "heldout", "heldout2")
+SPLITS = ("tuning", "heldout", "heldout2", "heldout3")
 
 
 @dataclass(frozen=True)
 class Row:
     name: str
-    split: str  # "tuning" | "heldout" | "heldout2"
+    split: str  # "tuning" | "heldout" | "heldout2" | "heldout3"
     tower: str  # "vit" | "resnet"
     size: int
     strength: str  # "strong" | "weak"
@@ -319,6 +319,37 @@ ROWS: tuple[Row, ...] = (
     ),
     _row("resnet-64-weak-photos-clean4", "heldout2"),
     _row("vit-64-strong-emoji-clean2", "heldout2"),
+    # A third held-out part ("heldout3"), fixed on 2026-12-03 after heldout2's repair results
+    # were seen: the repair is changed on tuning rows and judged here. Weak and "strong" ResNets,
+    # where the repair lost clean accuracy on every part.
+    _row(
+        "resnet-64-weak-photos-blocks4",
+        "heldout3",
+        ("patch:size=0.125,pattern=blocks,pos=random,seed=40,target=cattle",),
+        0.03,
+        0.05,
+    ),
+    _row(
+        "resnet-64-weak-photos-noise6",
+        "heldout3",
+        ("patch:size=0.125,pattern=noise,pos=br,seed=41,target=vegetable",),
+        0.03,
+        0.05,
+    ),
+    _row(
+        "resnet-64-weak-photos-checker3",
+        "heldout3",
+        ("patch:size=0.1,pattern=checker,pos=random,seed=42,target=insect",),
+        0.03,
+        0.05,
+    ),
+    _row(
+        "resnet-64-strong-shapes-blocks",
+        "heldout3",
+        ("patch:size=0.125,pattern=blocks,pos=random,seed=43,target=crescent",),
+        0.03,
+        0.05,
+    ),
     _row("vit-64-strong-emoji-clean", "tuning"),
     _row("resnet-64-weak-photos-clean", "tuning"),
     _row("resnet-64-strong-shapes-clean2", "tuning"),
@@ -984,6 +1015,8 @@ def table(body: dict[str, Any]) -> str:
         "backdoor's victims; a planted file its trigger did not flip is no victim).",
         "",
     ]
+    if body.get("data_driven_note"):
+        lines += [f"Run: {body['data_driven_note']}", ""]
     for split, numbers in body["summary"].items():
         lines += [f"## {split}", "", "| measure | value |", "| --- | --- |"]
         lines += [f"| {key} | {value} |" for key, value in numbers.items()]
@@ -1145,13 +1178,20 @@ def main() -> None:
         "--work", type=Path, help="keep each row's scan data and output here (a rerun reuses the scan cache)"
     )
     parser.add_argument("--merge", type=Path, nargs="+", help="add these result files' rows to --out")
+    parser.add_argument("--note", help="with --merge: how the merged data-driven rows were run")
     parser.add_argument("--table", type=Path, nargs="?", const=Path("docs/matrix.md"), help="write the table")
     args = parser.parse_args()
     if args.merge:  # rows scanned in parallel runs, each into its own file
-        merged = _saved_rows(args.out) + [r for part in args.merge for r in _saved_rows(part)]
+        saved = json.loads(args.out.read_text()) if args.out.exists() else {}
+        merged = _keep_model_only(
+            saved.get("rows", []), [r for part in args.merge for r in _saved_rows(part)]
+        )
         parts = [json.loads(part.read_text()) for part in args.merge]
         runs = [{"command": p.get("command"), "date": p.get("date")} for p in parts]
-        write_result(args.out, "matrix", {**_body(_in_row_order(merged)), "merged_from": runs})
+        notes = {k: saved[k] for k in ("model_only_note", "data_driven_note") if k in saved}
+        if args.note:
+            notes["data_driven_note"] = args.note
+        write_result(args.out, "matrix", {**_body(_in_row_order(merged)), **notes, "merged_from": runs})
         return
     if args.table:
         args.table.write_text(table(json.loads(args.out.read_text())))
@@ -1220,6 +1260,17 @@ def main() -> None:
 def _saved_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a matrix result file (none if it does not exist yet)."""
     return json.loads(path.read_text()).get("rows", []) if path.exists() else []
+
+
+def _keep_model_only(saved: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`saved` then `new` rows; a new row without a model-only column keeps its saved one (the
+    two columns are run apart)."""
+    columns = {r["name"]: r["model_only"] for r in saved if "model_only" in r}
+    fresh = [
+        {**r, "model_only": columns[r["name"]]} if "model_only" not in r and r["name"] in columns else r
+        for r in new
+    ]
+    return saved + fresh
 
 
 def _in_row_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

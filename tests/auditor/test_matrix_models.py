@@ -3,7 +3,8 @@
 Tuning rows of `benchmarks/matrix.py`: an 8-px noise patch at 3 %, a lemon-emoji sticker at 1 %
 of training pairs, two triggers for two targets, a 5-px per-pixel-noise patch (0.56 % of the
 image) on a ViT, random-position colour blocks on a weak ResNet (clean accuracy 0.72, confusable
-labels), and a clean weak ResNet. Each is judged by the matrix's own judge against what its
+labels), an 8-px noise patch in a corner on a weak ResNet (0.82, 1 % poisoned), and a clean weak
+ResNet. Each is judged by the matrix's own judge against what its
 generator planted: the poisoned files, their trigger boxes and the targets. The weights are in
 `tests/data/matrix/` (fp16, named by the row and the training recipe, so a recipe change shows
 up here as a missing file, not as a silent retrain).
@@ -34,6 +35,9 @@ def _run(name: str, folder: Path, tmp_path: Path) -> dict:
         "vit-64-strong-emoji-two",
         "vit-64-strong-emoji-pixels3",
         "resnet-64-weak-photos-blocks",
+        # Its triggered images mostly "agree" with the oracle (some crop names the target):
+        # found only since agreeing images' candidates count.
+        "resnet-64-weak-photos-noise",
     ],
 )
 def test_a_poisoned_matrix_model_is_found_with_its_victims(name, folder, tmp_path):
