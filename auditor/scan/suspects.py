@@ -15,7 +15,7 @@ Two kinds of evidence make a class suspect (DESIGN §4, stage 1):
    sends the class to confirmation whatever its disagreement rate, because a weak or
    confusable model disagrees a lot on benign labels and a trigger that rides into the object
    crops hides its own target.
-   A class with fewer look-alike candidates than that gets a follow-up (`follow_up`): the
+   Every class with a candidate gets a follow-up (`follow_up`), clustered or not: the
    images of the class that best match its strongest candidate are checked too.
 2. *Disagreement* well above the other classes' (one-sided binomial test against their pooled
    rate, Bonferroni over classes): weak evidence alone, but the only kind a non-localized
