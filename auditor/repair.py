@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from auditor.attacks import Attack
-from auditor.data import Dataset, ImageDecodeError, load_image, pil_to_array
+from auditor.data import Dataset, ImageDecodeError, Sample, load_image, pil_to_array
 from auditor.errors import InputError
 from auditor.inversion.search import stamp_image
 from auditor.models import LoadedModel
@@ -51,23 +51,29 @@ Progress = Callable[[int, int], None]
 class RepairConfig:
     steps: int = 300  # the budget; early stopping usually ends well before it
     batch_size: int = 32
-    # 5e-5: at 2e-4 a weak ResNet of the matrix lost 13 points of clean accuracy in 10 steps
-    # (batch-norm statistics, since frozen, did most of it) and never got within 4 points again;
-    # at 5e-5 it ended 2 points down with the trigger gone, and a ViT lost 0.6 points.
+    # 1e-4: at 2e-4 a weak ResNet never came back within 4 points of its clean accuracy; at 5e-5
+    # the zoo's random-position patch kept 5.7 % attack success after the budget.
     lr: float = 1e-4
     weight_decay: float = 0.1
-    warmup: int = 10
+    # Adam's first steps move every weight by about the full learning rate whatever its gradient
+    # (the second-moment estimate is one squared gradient): over a 10-step warm-up a weak ResNet
+    # of the matrix fell from 0.85 to 0.60 clean accuracy; over 50 it still dipped but came back
+    # to where it started (docs/design.md, "Learning rate").
+    warmup: int = 50
     towers: str = "image"  # which towers train: "image", "text" or "both"
     image_blocks: int | None = 2  # of the image tower, train only the first N blocks / stages (None: all)
     in_modal: float = 0.0  # weight of CleanCLIP's in-modal self-supervised term (0 = off)
     trigger_augment: float = 0.8  # chance that a clean pair is shown with the trigger pasted in
     contrastive: float = 1.0  # weight of CLIP's contrastive loss on the pairs
     anchor: float = 10.0  # weight of the pull towards the original model's trigger-free embeddings
+    # Data images the anchor also runs on, a batch of them per step (0: the compact pairs only);
+    # see `anchor_pool`.
+    anchor_pool: int = 1024
     eval_every: int = 10
     stop_transplant: float = 0.02
     max_accuracy_drop: float = 0.005
     max_class_drop: float = 0.1  # no single class may lose more than this
-    holdout: int = 512
+    holdout: int = 512  # held-out images, at most half of those neither compact nor victims
     seed: int = 0
 
 
@@ -148,6 +154,7 @@ class RepairResult:
     stopped: str  # why the loop ended, in words
     compact_pairs: int
     holdout_images: int
+    anchor_images: int = 0  # data images the anchor also ran on (`anchor_pool`)
     history: tuple[tuple[int, Measurement], ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +167,7 @@ class RepairResult:
             "stopped": self.stopped,
             "compact_pairs": self.compact_pairs,
             "holdout_images": self.holdout_images,
+            "anchor_images": self.anchor_images,
             "history": [{"step": step, **m.to_dict()} for step, m in self.history],
         }
 
@@ -289,6 +297,7 @@ class HoldOut:
     labels: np.ndarray
     triggered: dict[int, np.ndarray] | None
     attacked: np.ndarray | None
+    paths: frozenset[str] = frozenset()  # the data files held out
 
 
 def make_holdout(
@@ -300,15 +309,8 @@ def make_holdout(
     seed: int = 0,
 ) -> HoldOut:
     """Up to `size` labeled data images that the fine-tune never sees and that are not victims."""
-    excluded = set(outputs.compact.sources) | {v.path for v in outputs.report.victims}
-    candidates = [s for s in dataset.samples if s.path not in excluded and dataset.label_index(s) is not None]
-    if not candidates:
-        raise InputError(
-            f"{dataset.root}: no labeled images outside the compact set to hold out",
-            hint="repair needs the scan's data folder with labels (class folders or a label column)",
-        )
+    chosen = _holdout_samples(dataset, outputs, size, seed)
     rng = np.random.default_rng(seed)
-    chosen = [candidates[i] for i in sorted(rng.permutation(len(candidates))[:size])]
     images, labels = [], []
     for sample in chosen:
         try:
@@ -345,7 +347,76 @@ def make_holdout(
         np.asarray(labels, np.int64),
         triggered or None,
         None if attacked is None else preprocess_images(loaded, attacked),
+        frozenset(s.path for s in chosen),
     )
+
+
+def _untouched(dataset: Dataset, outputs: ScanOutputs) -> list[Sample]:
+    """Data samples that are neither compact-set sources nor victims, in data order."""
+    excluded = set(outputs.compact.sources) | {v.path for v in outputs.report.victims}
+    return [s for s in dataset.samples if s.path not in excluded]
+
+
+def _holdout_samples(dataset: Dataset, outputs: ScanOutputs, size: int, seed: int = 0) -> list[Sample]:
+    """The held-out images' samples: up to `size` labeled untouched ones, drawn with `seed`,
+    and never more than half of them: the other half is left to the anchor (`anchor_pool`)."""
+    candidates = [s for s in _untouched(dataset, outputs) if dataset.label_index(s) is not None]
+    if not candidates:
+        raise InputError(
+            f"{dataset.root}: no labeled images outside the compact set to hold out",
+            hint="repair needs the scan's data folder with labels (class folders or a label column)",
+        )
+    rng = np.random.default_rng(seed)
+    size = min(size, max(1, len(candidates) // 2))
+    return [candidates[i] for i in sorted(rng.permutation(len(candidates))[:size])]
+
+
+def anchor_pool(
+    loaded: LoadedModel,
+    dataset: Dataset,
+    outputs: ScanOutputs,
+    held_out: frozenset[str],
+    size: int,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Up to `size` data images for the anchor alone: {data path: uint8 RGB (H, W, 3)}.
+
+    Why: the compact set is a few dozen pairs, and pulling only them to the original model's
+    embeddings held them and let the rest drift. On a weak ResNet of the matrix, clean accuracy
+    fell 0.82 -> 0.78 with the trigger gone; with the anchor also run on the scan's other data
+    images, it ended where it started. No caption or label is needed: the target of the pull is
+    the original model's own embedding of the image (with a pasted trigger's box blanked).
+
+    Left out: held-out images (they judge the repair), compact sources and victims, and every
+    image the original model predicts as a confirmed target, the only class a trigger the scan
+    missed can have put an image in; its pull would teach the backdoor again.
+    """
+    if size <= 0:
+        return {}
+    rest = [s for s in _untouched(dataset, outputs) if s.path not in held_out]
+    rng = np.random.default_rng((seed, 1))
+    images = {}
+    for i in sorted(rng.permutation(len(rest))[:size]):
+        try:
+            images[rest[i].path] = pil_to_array(dataset.load(rest[i]))
+        except ImageDecodeError:
+            continue
+    if not images:
+        return {}
+    targets = {dataset.classes.index(a.label) for a in outputs.targets() if a.label in dataset.classes}
+    predicted = predict(loaded, dataset.classes, preprocess_images(loaded, list(images.values())))
+    return {path: x for (path, x), p in zip(images.items(), predicted, strict=True) if int(p) not in targets}
+
+
+def predict(loaded: LoadedModel, classes: Sequence[str], pixels: np.ndarray) -> np.ndarray:
+    """int64 (n,) zero-shot top-1 of `loaded.model` as it is now, for float32 pixels (n, 3, S, S)."""
+    loaded.model.eval()
+    image_runner, text_runner = torch_runners(loaded)
+    with image_runner, text_runner:
+        scorer = make_scorer(loaded, classes, image_runner, text_runner)
+        return np.concatenate(
+            [scorer.logits(pixels[i : i + 256])[1].argmax(1) for i in range(0, len(pixels), 256)]
+        ).astype(np.int64)
 
 
 def preprocess_images(loaded: LoadedModel, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -358,38 +429,31 @@ def preprocess_images(loaded: LoadedModel, images: Sequence[np.ndarray]) -> np.n
 
 def measure(loaded: LoadedModel, classes: Sequence[str], holdout: HoldOut, target: int) -> Measurement:
     """Clean accuracy and trigger success of `loaded.model` as it is now (eval mode, PyTorch)."""
-    loaded.model.eval()
-    image_runner, text_runner = torch_runners(loaded)
-    with image_runner, text_runner:
-        scorer = make_scorer(loaded, classes, image_runner, text_runner)
 
-        def predict(pixels: np.ndarray) -> np.ndarray:
-            return np.concatenate(
-                [scorer.logits(pixels[i : i + 256])[1].argmax(1) for i in range(0, len(pixels), 256)]
-            )
+    def success(pixels: np.ndarray | None, aim: int = target) -> float | None:
+        if pixels is None or not len(pixels):
+            return None
+        return float(np.mean(predict(loaded, classes, pixels) == aim))
 
-        def success(pixels: np.ndarray | None, aim: int = target) -> float | None:
-            return None if pixels is None or not len(pixels) else float(np.mean(predict(pixels) == aim))
+    # With several targets, the trigger that survives best is what is left of the backdoor.
+    predictions = predict(loaded, classes, holdout.pixels)
+    rates, excess = [], []
+    for aim, pixels in (holdout.triggered or {}).items():
+        rate = success(pixels, aim)
+        if rate is not None:
+            rates.append(rate)
+            confused = predictions[holdout.labels != aim] == aim
+            excess.append(rate - (float(confused.mean()) if confused.size else 0.0))
+    transplant = max(rates, default=None)
 
-        # With several targets, the trigger that survives best is what is left of the backdoor.
-        predictions = predict(holdout.pixels)
-        rates, excess = [], []
-        for aim, pixels in (holdout.triggered or {}).items():
-            rate = success(pixels, aim)
-            if rate is not None:
-                rates.append(rate)
-                confused = predictions[holdout.labels != aim] == aim
-                excess.append(rate - (float(confused.mean()) if confused.size else 0.0))
-        transplant = max(rates, default=None)
-
-        hits = predictions == holdout.labels
-        per_class = tuple(
-            float(hits[holdout.labels == c].mean()) if (holdout.labels == c).any() else float("nan")
-            for c in range(len(classes))
-        )
-        return Measurement(
-            float(hits.mean()), transplant, success(holdout.attacked), per_class, max(excess, default=None)
-        )
+    hits = predictions == holdout.labels
+    per_class = tuple(
+        float(hits[holdout.labels == c].mean()) if (holdout.labels == c).any() else float("nan")
+        for c in range(len(classes))
+    )
+    return Measurement(
+        float(hits.mean()), transplant, success(holdout.attacked), per_class, max(excess, default=None)
+    )
 
 
 @dataclass(frozen=True)
@@ -416,6 +480,12 @@ class TrainingPairs:
             tuple(not n.startswith("unlearn-") for n in compact.names),
         )
 
+    @staticmethod
+    def unlabeled(images: Sequence[np.ndarray]) -> TrainingPairs:
+        """Images for the anchor alone: no captions, each may get the trigger pasted in."""
+        flags = (True,) * len(images)
+        return TrainingPairs(tuple(images), ("",) * len(images), flags, flags)
+
 
 def fine_tune(
     loaded: LoadedModel,
@@ -424,11 +494,14 @@ def fine_tune(
     should_stop: Callable[[int], bool],
     triggers: Sequence[Prototype] = (),
     progress: Progress | None = None,
+    pool: Sequence[np.ndarray] = (),
 ) -> int:
     """Fine-tune `loaded.model` in place on `pairs`; returns the number of steps taken.
 
     `should_stop(step)` is called before training (step 0) and every `eval_every` steps; it
-    measures whatever it wants and returns True to end the loop.
+    measures whatever it wants and returns True to end the loop. `pool`: uint8 RGB images the
+    anchor also runs on, a batch of them per step, triggers pasted as into clean pairs
+    (`anchor_pool`).
     """
     import torch
     import torch.nn.functional as F
@@ -446,6 +519,7 @@ def fine_tune(
     # A frozen copy of the model as it came: the anchor's reference.
     original = copy.deepcopy(model).eval().requires_grad_(False) if config.anchor > 0 else None
     anchored = torch.tensor(pairs.trigger_free)
+    unlabeled = TrainingPairs.unlabeled(pool)
     order: list[int] = []
 
     step = 0
@@ -470,10 +544,12 @@ def fine_tune(
             # The repaired model must see in an image with the trigger what the original model
             # sees with that region blanked: the trigger becomes as meaningless as a blank, and
             # everything else keeps its embedding, which holds clean accuracy.
-            with torch.no_grad():
-                reference = F.normalize(original.encode_image(blanked[keep]), dim=-1)  # type: ignore[operator]
-            similarity = (image_emb[keep] * reference).sum(dim=-1)
-            loss = loss + config.anchor * (1 - similarity).mean()
+            loss = loss + config.anchor * _anchor_loss(original, image_emb[keep], blanked[keep])
+        if original is not None and len(unlabeled.images):
+            picked = [int(i) for i in rng.choice(len(unlabeled.images), config.batch_size)]
+            shown, blank = _batch_pixels(loaded, unlabeled, picked, triggers, config.trigger_augment, rng)
+            shown_emb = F.normalize(model.encode_image(shown), dim=-1)  # type: ignore[operator]
+            loss = loss + config.anchor * _anchor_loss(original, shown_emb, blank)
         if config.in_modal > 0:
             other_view = F.normalize(model.encode_image(_augment(pixels)), dim=-1)  # type: ignore[operator]
             other_text = loaded.tokenizer([_drop_word(pairs.captions[i], rng) for i in batch])
@@ -495,6 +571,17 @@ def fine_tune(
         should_stop(step)
     model.eval()
     return step
+
+
+def _anchor_loss(original: torch.nn.Module, embeddings: torch.Tensor, blanked: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance between the repaired model's unit `embeddings` (B, D) and the
+    original model's of the `blanked` pixels (B, 3, S, S); a scalar tensor."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        reference = F.normalize(original.encode_image(blanked), dim=-1)  # type: ignore[operator]
+    return (1 - (embeddings * reference).sum(dim=-1)).mean()
 
 
 def _freeze_batch_norm(model: torch.nn.Module) -> None:
@@ -619,6 +706,8 @@ def repair(
     target = dataset.classes.index(target_label)
     started = time.perf_counter()
     holdout = make_holdout(loaded, dataset, outputs, config.holdout, attack, config.seed)
+    pool_size = config.anchor_pool if config.anchor > 0 else 0
+    pool = anchor_pool(loaded, dataset, outputs, holdout.paths, pool_size, config.seed)
     history: list[tuple[int, Measurement]] = []
     best: dict[str, Any] = {}
 
@@ -645,7 +734,7 @@ def repair(
 
     pairs = TrainingPairs.from_compact(outputs.compact)
     patches = [aim.trigger for aim in outputs.targets() if aim.trigger is not None]
-    steps = fine_tune(loaded, pairs, config, should_stop, patches, progress)
+    steps = fine_tune(loaded, pairs, config, should_stop, patches, progress, tuple(pool.values()))
     after = history[-1][1]
     if steps < config.steps:
         stopped = f"trigger gone after {steps} steps"
@@ -659,10 +748,11 @@ def repair(
         before=history[0][1],
         after=after,
         steps=steps,
-        images_seen=steps * config.batch_size,
+        images_seen=steps * config.batch_size * (2 if pool else 1),
         seconds=time.perf_counter() - started,
         stopped=stopped,
         compact_pairs=len(outputs.compact),
         holdout_images=len(holdout.labels),
+        anchor_images=len(pool),
         history=tuple(history),
     )

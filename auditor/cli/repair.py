@@ -188,6 +188,7 @@ def before_after_table(result: RepairResult) -> Table:
             rate(result.after.attack_success),
         )
     table.add_row("steps", "", str(result.steps))
-    table.add_row("images seen", "", f"{result.images_seen} ({result.compact_pairs} compact pairs)")
+    pool = f", anchor on {result.anchor_images} more data images" if result.anchor_images else ""
+    table.add_row("images seen", "", f"{result.images_seen} ({result.compact_pairs} compact pairs{pool})")
     table.add_row("wall time", "", f"{result.seconds:.1f} s")
     return table

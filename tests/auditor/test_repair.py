@@ -84,6 +84,34 @@ def test_rescan_of_repaired_model_is_clean(repaired):
     assert {r["label"] for r in report["inversion"]["recovered"]} <= set(report["suspects"])
 
 
+def test_the_anchor_pool_holds_no_triggered_held_out_or_compact_image(repaired):
+    """The extra images the anchor pulls to the original model's embeddings: judged against the
+    generator's planted files. A triggered image among them would teach the backdoor again."""
+    from auditor.data import open_dataset
+    from auditor.models import load_model
+    from auditor.repair import anchor_pool, load_scan_outputs, make_holdout, predict, preprocess_images
+
+    tmp = repaired["tmp"]
+    outputs = load_scan_outputs(tmp / "report" / "report.json")
+    dataset = open_dataset(tmp / "scan")
+    loaded = load_model(checkpoint_path(repaired["name"]), CONFIG_PATH)
+    holdout = make_holdout(loaded, dataset, outputs, 512)
+    pool = anchor_pool(loaded, dataset, outputs, holdout.paths, 1024)
+    truth = repaired["truth"]
+    planted = {p["path"] for p in truth["poisoned"]}
+    assert not set(pool) & (holdout.paths | set(outputs.compact.sources))
+    # A planted image may be in the pool only if its trigger failed: the model does not call it
+    # the target (on patch-random one of 24 was such a dud, still an apple).
+    duds = [path for path in pool if path in planted]
+    if duds:
+        calls = predict(loaded, dataset.classes, preprocess_images(loaded, [pool[p] for p in duds]))
+        assert truth["target"] not in {dataset.classes[c] for c in calls}
+    assert len(duds) <= 0.1 * len(planted)
+    # Half the untouched data, less the images called the target: more than the compact set.
+    assert len(outputs.compact) < len(pool) <= len(dataset.samples) - len(holdout.paths)
+    assert json.loads((tmp / "repair.json").read_text())["anchor_images"] == len(pool)
+
+
 def test_repaired_checkpoint_keeps_the_input_format_and_loads_in_open_clip(repaired):
     import open_clip
     from safetensors.torch import load_file
