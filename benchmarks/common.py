@@ -74,7 +74,7 @@ def random_checkpoint(arch: str, folder: Path, seed: int = 0) -> Path:
     from auditor.models import build_model, resolve_arch, save_checkpoint
 
     torch.manual_seed(seed)
-    path = folder / f"{arch}-random-seed{seed}.safetensors"
+    path = folder / f"{Path(arch).stem}-random-seed{seed}.safetensors"  # arch may be a config path
     save_checkpoint(build_model(resolve_arch(arch)), path)
     return path
 

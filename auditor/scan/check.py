@@ -382,7 +382,7 @@ def _covers(segment: Segment, candidate: Segment) -> bool:
 def run_checks(
     ctx: ScanContext,
     indices: list[int],
-    probs: dict[int, np.ndarray],
+    probs: Mapping[int, np.ndarray],
     checks: dict[int, ImageCheck],
     advance: Callable[[int], None],
     cache: ScanCache | None = None,
@@ -463,7 +463,7 @@ class SegmentAhead:
 
 
 def _check_chunk(
-    ctx: ScanContext, part: list[int], probs: dict[int, np.ndarray], ahead: SegmentAhead
+    ctx: ScanContext, part: list[int], probs: Mapping[int, np.ndarray], ahead: SegmentAhead
 ) -> tuple[list[ImageCheck], list[FailureInfo]]:
     """Algorithm 1 on a chunk; if it raises, image by image, recording the ones that fail."""
 

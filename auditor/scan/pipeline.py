@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +41,7 @@ from auditor.scan.model_level import (
     stamp_pictures,
     with_inversion,
 )
-from auditor.scan.screen import choose_sample, full_probs, predictions, score_all
+from auditor.scan.screen import ByIndex, Probabilities, choose_sample, predictions, score_all
 from auditor.scan.suspects import candidate_clusters, follow_up, suspect_classes
 from auditor.scoring import ZeroShotScorer, make_scorer, torch_runners
 from engines.runners import Runner
@@ -106,8 +107,8 @@ def scan(
         seconds["scoring"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        probs = full_probs(scores, len(dataset.classes))
-        embeddings = dict(zip(scores.indices.tolist(), scores.embeddings, strict=True))
+        probs = Probabilities(scores, len(dataset.classes))
+        embeddings = ByIndex(scores.indices, scores.embeddings)
         if ctx.label_objects is None:  # a reference model's crops keep the fixed bound
             ctx.object_confidence = object_confidence(scores.probs[:, 0], len(dataset.classes))
         checks = _oracle_checks(ctx, probs, embeddings, cache, retry_failed, tick)
@@ -148,8 +149,8 @@ def _reference_scorer(reference: LoadedModel, classes: list[str], config: ScanCo
 
 def _oracle_checks(
     ctx: ScanContext,
-    probs: dict[int, np.ndarray],
-    embeddings: dict[int, np.ndarray],
+    probs: Mapping[int, np.ndarray],
+    embeddings: Mapping[int, np.ndarray],
     cache: ScanCache | None,
     retry_failed: bool,
     tick: Progress,

@@ -8,7 +8,7 @@ clusters of the others' embeddings: the oracle (the expensive part) never runs o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -52,25 +52,64 @@ def score_all(ctx: ScanContext, cache: ScanCache | None, tick: Progress) -> Scor
     return Scores(*(np.concatenate(column) for column in zip(*columns, strict=True)))
 
 
-def full_probs(scores: Scores, n_classes: int) -> dict[int, np.ndarray]:
-    """{data index: probability vector (C,)}; only the top-k are known, the rest share what remains."""
-    out = {}
-    for row, index in enumerate(scores.indices):
-        vector = np.zeros(n_classes, np.float32)
-        rest = max(0.0, 1.0 - float(scores.probs[row].sum())) / max(1, n_classes - scores.topk.shape[1])
-        vector[:] = rest
-        vector[scores.topk[row]] = scores.probs[row]
-        out[int(index)] = vector
-    return out
+class ByIndex(Mapping[int, np.ndarray]):
+    """{data index: rows[i]} over stage 0's `indices` (int (n,), any order) and `rows` (n, ...),
+    without a dict of N entries."""
+
+    def __init__(self, indices: np.ndarray, rows: np.ndarray) -> None:
+        self._indices, self._rows = indices, rows
+        self._order = np.argsort(indices, kind="stable")
+        self._sorted = indices[self._order]
+
+    def row(self, index: int) -> int | None:
+        """The position of data `index` in `indices`, or None if it was not scored."""
+        at = int(np.searchsorted(self._sorted, index))
+        return int(self._order[at]) if at < len(self._sorted) and self._sorted[at] == index else None
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        row = self.row(index)
+        if row is None:
+            raise KeyError(index)
+        return self._rows[row]
+
+    def __contains__(self, index: object) -> bool:
+        return isinstance(index, int | np.integer) and self.row(int(index)) is not None
+
+    def __iter__(self) -> Iterator[int]:
+        return (int(i) for i in self._indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
 
 
-def predictions(probs: dict[int, np.ndarray]) -> dict[int, int]:
+class Probabilities(ByIndex):
+    """{data index: probability vector, float32 (C,)}, built from stage 0's top-k on access.
+
+    Only the top-k are known; the other classes share what remains equally. Nothing of size
+    N x C is ever held: at a million images and 1,000 classes the full table would be 4 GB,
+    while the later stages read the vectors of the few images the oracle checks.
+    """
+
+    def __init__(self, scores: Scores, n_classes: int) -> None:
+        super().__init__(scores.indices, scores.probs)
+        self._topk, self._n_classes = scores.topk, n_classes
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        probs = super().__getitem__(index)
+        top = self._topk[self.row(index)]
+        rest = max(0.0, 1.0 - float(probs.sum())) / max(1, self._n_classes - len(top))
+        vector = np.full(self._n_classes, rest, np.float32)
+        vector[top] = probs
+        return vector
+
+
+def predictions(probs: Mapping[int, np.ndarray]) -> dict[int, int]:
     """{data index: the model's top-1 class}."""
     return {index: int(vector.argmax()) for index, vector in probs.items()}
 
 
 def choose_sample(
-    ctx: ScanContext, preds: dict[int, int], embeddings: dict[int, np.ndarray] | None = None
+    ctx: ScanContext, preds: dict[int, int], embeddings: Mapping[int, np.ndarray] | None = None
 ) -> list[int]:
     """Stage 1's first oracle pass: up to `per_class` images per predicted class.
 

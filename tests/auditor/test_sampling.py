@@ -8,6 +8,7 @@ is of whole images.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -79,3 +80,23 @@ def test_object_confidence_follows_an_unsure_model_down_to_twice_chance():
 def test_object_confidence_is_total(values, n_classes):
     level = object_confidence(np.asarray(values, np.float32), n_classes)
     assert np.isfinite(level) and 0 < level <= OBJECT_CONFIDENCE
+
+
+def test_probabilities_rebuild_each_vector_from_its_top_k_without_a_table():
+    """Stage 0 keeps the top-k of each image; the vectors the later stages read are rebuilt on
+    access, for data indices in any order (a skipped image leaves a gap)."""
+    from auditor.scan.screen import Probabilities, predictions
+    from auditor.scoring import Scores
+
+    indices = np.array([7, 2, 5])  # 0, 1, 3, 4, 6: skipped or not scored
+    topk = np.array([[3, 0], [1, 4], [2, 3]])
+    probs = np.array([[0.6, 0.2], [0.5, 0.5], [0.9, 0.04]], np.float32)
+    table = Probabilities(Scores(indices, np.zeros((3, 4), np.float32), topk, probs), n_classes=5)
+    assert len(table) == 3 and sorted(table) == [2, 5, 7]
+    assert 5 in table and 4 not in table
+    np.testing.assert_allclose(table[7], [0.2, 0.2 / 3, 0.2 / 3, 0.6, 0.2 / 3], rtol=1e-6)
+    np.testing.assert_allclose(table[2], [0, 0.5, 0, 0, 0.5], atol=1e-7)
+    assert all(abs(float(table[i].sum()) - 1.0) < 1e-6 for i in table)
+    assert predictions(table) == {7: 3, 2: 1, 5: 2}
+    with pytest.raises(KeyError):
+        table[4]
