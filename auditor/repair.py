@@ -5,6 +5,9 @@ trigger.png. The fine-tune is one loop (`fine_tune`) in PyTorch: CLIP's contrast
 the compact pairs, optionally CleanCLIP's in-modal term, AdamW with warm-up and cosine decay.
 While it trains, the recovered trigger is pasted into clean pairs at the places the scan saw it
 (their captions unchanged), so the model keeps being shown that the trigger means nothing.
+An anchor pulls each trigger-free image's embedding towards the original model's; besides the
+compact pairs it runs on a batch per step of other data images (`anchor_pool`), which is what
+holds clean accuracy on the images the fine-tune never sees.
 
 Every `eval_every` steps a held-out set measures clean accuracy and the transplant success of
 each recovered trigger (share of held-out images of other labels that it turns into its target;
