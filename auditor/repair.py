@@ -20,11 +20,12 @@ state seen. Held-out images are data files that are neither in the compact set n
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -407,19 +408,26 @@ def anchor_pool(
     if not images:
         return {}
     targets = {dataset.classes.index(a.label) for a in outputs.targets() if a.label in dataset.classes}
-    predicted = predict(loaded, dataset.classes, preprocess_images(loaded, list(images.values())))
+    with predictor(loaded, dataset.classes) as predict:
+        predicted = predict(preprocess_images(loaded, list(images.values())))
     return {path: x for (path, x), p in zip(images.items(), predicted, strict=True) if int(p) not in targets}
 
 
-def predict(loaded: LoadedModel, classes: Sequence[str], pixels: np.ndarray) -> np.ndarray:
-    """int64 (n,) zero-shot top-1 of `loaded.model` as it is now, for float32 pixels (n, 3, S, S)."""
+@contextlib.contextmanager
+def predictor(loaded: LoadedModel, classes: Sequence[str]) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
+    """A function: float32 pixels (n, 3, S, S) -> int64 (n,) zero-shot top-1 of `loaded.model`
+    as it is now (eval mode, PyTorch); the runners and class embeddings are made once for it."""
     loaded.model.eval()
     image_runner, text_runner = torch_runners(loaded)
     with image_runner, text_runner:
         scorer = make_scorer(loaded, classes, image_runner, text_runner)
-        return np.concatenate(
-            [scorer.logits(pixels[i : i + 256])[1].argmax(1) for i in range(0, len(pixels), 256)]
-        ).astype(np.int64)
+
+        def predict(pixels: np.ndarray) -> np.ndarray:
+            return np.concatenate(
+                [scorer.logits(pixels[i : i + 256])[1].argmax(1) for i in range(0, len(pixels), 256)]
+            ).astype(np.int64)
+
+        yield predict
 
 
 def preprocess_images(loaded: LoadedModel, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -432,31 +440,30 @@ def preprocess_images(loaded: LoadedModel, images: Sequence[np.ndarray]) -> np.n
 
 def measure(loaded: LoadedModel, classes: Sequence[str], holdout: HoldOut, target: int) -> Measurement:
     """Clean accuracy and trigger success of `loaded.model` as it is now (eval mode, PyTorch)."""
+    with predictor(loaded, classes) as predict:
 
-    def success(pixels: np.ndarray | None, aim: int = target) -> float | None:
-        if pixels is None or not len(pixels):
-            return None
-        return float(np.mean(predict(loaded, classes, pixels) == aim))
+        def success(pixels: np.ndarray | None, aim: int = target) -> float | None:
+            return None if pixels is None or not len(pixels) else float(np.mean(predict(pixels) == aim))
 
-    # With several targets, the trigger that survives best is what is left of the backdoor.
-    predictions = predict(loaded, classes, holdout.pixels)
-    rates, excess = [], []
-    for aim, pixels in (holdout.triggered or {}).items():
-        rate = success(pixels, aim)
-        if rate is not None:
-            rates.append(rate)
-            confused = predictions[holdout.labels != aim] == aim
-            excess.append(rate - (float(confused.mean()) if confused.size else 0.0))
-    transplant = max(rates, default=None)
+        # With several targets, the trigger that survives best is what is left of the backdoor.
+        predictions = predict(holdout.pixels)
+        rates, excess = [], []
+        for aim, pixels in (holdout.triggered or {}).items():
+            rate = success(pixels, aim)
+            if rate is not None:
+                rates.append(rate)
+                confused = predictions[holdout.labels != aim] == aim
+                excess.append(rate - (float(confused.mean()) if confused.size else 0.0))
+        transplant = max(rates, default=None)
 
-    hits = predictions == holdout.labels
-    per_class = tuple(
-        float(hits[holdout.labels == c].mean()) if (holdout.labels == c).any() else float("nan")
-        for c in range(len(classes))
-    )
-    return Measurement(
-        float(hits.mean()), transplant, success(holdout.attacked), per_class, max(excess, default=None)
-    )
+        hits = predictions == holdout.labels
+        per_class = tuple(
+            float(hits[holdout.labels == c].mean()) if (holdout.labels == c).any() else float("nan")
+            for c in range(len(classes))
+        )
+        return Measurement(
+            float(hits.mean()), transplant, success(holdout.attacked), per_class, max(excess, default=None)
+        )
 
 
 @dataclass(frozen=True)

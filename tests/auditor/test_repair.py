@@ -89,7 +89,7 @@ def test_the_anchor_pool_holds_no_triggered_held_out_or_compact_image(repaired):
     generator's planted files. A triggered image among them would teach the backdoor again."""
     from auditor.data import open_dataset
     from auditor.models import load_model
-    from auditor.repair import anchor_pool, load_scan_outputs, make_holdout, predict, preprocess_images
+    from auditor.repair import anchor_pool, load_scan_outputs, make_holdout, predictor, preprocess_images
 
     tmp = repaired["tmp"]
     outputs = load_scan_outputs(tmp / "report" / "report.json")
@@ -104,7 +104,8 @@ def test_the_anchor_pool_holds_no_triggered_held_out_or_compact_image(repaired):
     # the target (on patch-random one of 24 was such a dud, still an apple).
     duds = [path for path in pool if path in planted]
     if duds:
-        calls = predict(loaded, dataset.classes, preprocess_images(loaded, [pool[p] for p in duds]))
+        with predictor(loaded, dataset.classes) as predict:
+            calls = predict(preprocess_images(loaded, [pool[p] for p in duds]))
         assert truth["target"] not in {dataset.classes[c] for c in calls}
     assert len(duds) <= 0.1 * len(planted)
     # Half the untouched data, less the images called the target: more than the compact set.
