@@ -67,10 +67,14 @@ class ByIndex(Mapping[int, np.ndarray]):
         return int(self._order[at]) if at < len(self._sorted) and self._sorted[at] == index else None
 
     def __getitem__(self, index: int) -> np.ndarray:
+        return self._rows[self._position(index)]
+
+    def _position(self, index: int) -> int:
+        """`row(index)`, or KeyError for an index that was not scored."""
         row = self.row(index)
         if row is None:
             raise KeyError(index)
-        return self._rows[row]
+        return row
 
     def __contains__(self, index: object) -> bool:
         return isinstance(index, int | np.integer) and self.row(int(index)) is not None
@@ -95,8 +99,8 @@ class Probabilities(ByIndex):
         self._topk, self._n_classes = scores.topk, n_classes
 
     def __getitem__(self, index: int) -> np.ndarray:
-        probs = super().__getitem__(index)
-        top = self._topk[self.row(index)]
+        row = self._position(index)
+        probs, top = self._rows[row], self._topk[row]
         rest = max(0.0, 1.0 - float(probs.sum())) / max(1, self._n_classes - len(top))
         vector = np.full(self._n_classes, rest, np.float32)
         vector[top] = probs
