@@ -13,7 +13,7 @@ setup: $(BIN)/.installed fonts
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet $(TORCH) -e ".[dev,sam]"
+	$(BIN)/python -m pip install --quiet $(TORCH) -e ".[dev,sam,ray]"
 	touch $@
 
 # The zoo's scenes are rendered from Debian's colour emoji font.

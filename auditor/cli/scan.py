@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from pathlib import Path
 
 import click
@@ -128,6 +130,31 @@ EXIT_INCOMPLETE = 5
     show_envvar=True,
     help="Clean images for the model-level search (default: DATA's images that are not victims).",
 )
+@click.option(
+    "--executor",
+    "executor_name",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    envvar="CLIP_AUDIT_EXECUTOR",
+    show_envvar=True,
+    help="Where stage 0 and the oracle checks run: this process, or actors of a Ray cluster "
+    "(needs clip-audit[ray]; the same report either way).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    envvar=["CLIP_AUDIT_RAY_ADDRESS", "RAY_ADDRESS"],
+    show_envvar=True,
+    help="--executor ray: the cluster to join (HOST:PORT or 'auto'); default: a new local one.",
+)
+@click.option(
+    "--ray-actors",
+    type=click.IntRange(1, 100_000),
+    default=None,
+    envvar="CLIP_AUDIT_RAY_ACTORS",
+    show_envvar=True,
+    help="--executor ray: how many actors (each with its own engine session); default: one per CPU.",
+)
 @batch_size_option
 @seed_option
 def scan_command(
@@ -150,6 +177,9 @@ def scan_command(
     inversion: str,
     inversion_budget: float | None,
     inversion_data: Path | None,
+    executor_name: str,
+    ray_address: str | None,
+    ray_actors: int | None,
     batch_size: int,
     seed: int,
 ) -> int:
@@ -165,6 +195,8 @@ def scan_command(
 
     if fmt == "html" and out is None:
         raise click.UsageError("--format html writes DIR/report.html: pass --out DIR")
+    if executor_name == "ray":
+        require_ray()
     dataset = open_dataset(data, classes)
     clean_images = open_image_folder(inversion_data, dataset.classes) if inversion_data else None
     loaded = load_model(model, arch)
@@ -178,35 +210,51 @@ def scan_command(
     runners = make_runners(loaded, dataset, engine, engine_dir, precision, notify=state.info)
     show_provider(runners[0])
     evidence = evidence_runner(loaded, dataset, runners[0], engine, engine_dir)
-    cache = None
-    if out is not None:
-        cache = open_scan_cache(
-            out,
-            loaded=loaded,
-            dataset=dataset,
-            config=config,
-            oracle=[oracle, oracle_points, sha256_file(oracle_checkpoint) if oracle_checkpoint else None],
-            reference=reference_model.sha256 if reference_model else None,
-            engine=[runtime, precision],
-        )
-        if any(cache.folder.glob("*.npz")):
-            state.info(f"resuming: {cache.images_scored()} image scorings found in {cache.folder}")
-    with state.stage_progress() as tick:
-        result = scan(
-            loaded,
-            dataset,
-            the_oracle,
-            config,
-            progress=tick,
-            reference=reference_model,
-            runners=runners,
-            cache=cache,
-            retry_failed=retry_failed,
-            evidence=evidence,
-            inversion=inversion,
-            inversion_budget=inversion_budget,
-            inversion_data=clean_images,
-        )
+    cache_settings = {
+        "oracle": [oracle, oracle_points, sha256_file(oracle_checkpoint) if oracle_checkpoint else None],
+        "reference": reference_model.sha256 if reference_model else None,
+        "engine": [runtime, precision],
+    }
+    with contextlib.ExitStack() as stack:
+        cache = None
+        if out is not None:
+            cache = open_scan_cache(out, loaded=loaded, dataset=dataset, config=config, **cache_settings)
+            if any(cache.folder.glob("*.npz")):
+                state.info(f"resuming: {cache.images_scored()} image scorings found in {cache.folder}")
+        executor = None
+        if executor_name == "ray":
+            from auditor.scan.ray_executor import RayExecutor
+            from auditor.scan.worker import WorkerSetup
+
+            if cache is None:  # the workers' results travel through a cache: a temporary one
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="clip-audit-")))
+                cache = open_scan_cache(
+                    scratch, loaded=loaded, dataset=dataset, config=config, **cache_settings
+                )
+            setup = WorkerSetup(
+                model, arch, dataset, config, runtime, runners[0].precision, engine_dir,
+                oracle, oracle_checkpoint, oracle_points, reference,
+            )  # fmt: skip
+            on_gpu = any(name in runners[0].provider.lower() for name in ("cuda", "tensorrt"))
+            executor = RayExecutor(setup, ray_actors, ray_address, gpus=1 if on_gpu else 0)
+            state.info(f"--executor ray: {executor.actors} actors")
+        with state.stage_progress() as tick:
+            result = scan(
+                loaded,
+                dataset,
+                the_oracle,
+                config,
+                progress=tick,
+                reference=reference_model,
+                runners=runners,
+                cache=cache,
+                retry_failed=retry_failed,
+                evidence=evidence,
+                inversion=inversion,
+                inversion_budget=inversion_budget,
+                inversion_data=clean_images,
+                executor=executor,
+            )
     report = result.report
     if report.incomplete:
         state.warn(f"incomplete scan: {failure_summary(report)}")
@@ -220,6 +268,16 @@ def scan_command(
     elif fmt != "html":
         click.echo(FORMATS[fmt](report), nl=False)
     return exit_code_for(report, fail_on)
+
+
+def require_ray() -> None:
+    """Exit 3 with the install line when the `ray` extra is missing (before any slow work)."""
+    import importlib.util
+
+    from auditor.errors import missing_extra
+
+    if importlib.util.find_spec("ray") is None:
+        raise missing_extra("ray", "ray")
 
 
 def exit_code_for(report: Report, fail_on: str) -> int:

@@ -89,27 +89,19 @@ class ScanCache:
 
     # --- stage 0 ------------------------------------------------------------------------
     def load_scores(self, start: int) -> tuple[Scores, list[Skipped]] | None:
-        raw = self._load(f"scores-{start:08d}.npz")
+        raw = self._load(scores_name(start))
         if raw is None:
             return None
         skipped = [Skipped(path, reason) for path, reason in json.loads(str(raw["skipped"]))]
         return Scores(raw["indices"], raw["embeddings"], raw["topk"], raw["probs"]), skipped
 
     def save_scores(self, start: int, scores: Scores, skipped: Sequence[Skipped]) -> None:
-        self._save(
-            f"scores-{start:08d}.npz",
-            indices=scores.indices,
-            embeddings=scores.embeddings,
-            topk=scores.topk,
-            probs=scores.probs,
-            skipped=np.array(json.dumps([[s.path, s.reason] for s in skipped])),
-            images_scored=np.array(len(scores.indices)),
-        )
+        self.put(scores_name(start), pack_scores(scores, skipped))
 
     # --- stages 1-2: Algorithm 1 ----------------------------------------------------------
     def load_checks(self, indices: Sequence[int]) -> tuple[list[ImageCheck], list[FailureInfo]] | None:
         """The chunk's checks and the images in it that could not be checked, or None if not cached."""
-        raw = self._load(_checks_name(indices))
+        raw = self._load(checks_name(indices))
         if raw is None:
             return None
         failures = [FailureInfo(**f) for f in json.loads(str(raw.get("failures", np.array("[]"))))]
@@ -130,31 +122,14 @@ class ScanCache:
         images_scored: int,
         failures: Sequence[FailureInfo] = (),
     ) -> None:
-        arrays: dict[str, np.ndarray] = {}
-        fields = []
-        for i, check in enumerate(checks):
-            fields.append(
-                {
-                    "index": check.index,
-                    "pred": check.pred,
-                    "object_labels": list(check.object_labels),
-                    "disagrees": check.disagrees,
-                    "candidate": check.candidate is not None,
-                    "flip": check.flip,
-                    "ablated_pred": check.ablated_pred,
-                    "oracle_label": check.oracle_label,
-                }
-            )
-            if check.candidate is not None:
-                arrays[f"mask_{i}"] = check.candidate.mask
-                arrays[f"box_{i}"] = np.asarray(check.candidate.box, np.float64)
-        self._save(
-            _checks_name(indices),
-            checks=np.array(json.dumps(fields, default=_plain)),
-            failures=np.array(json.dumps([asdict(f) for f in failures])),
-            images_scored=np.array(images_scored),
-            **arrays,
-        )
+        self.put(checks_name(indices), pack_checks(checks, images_scored, failures))
+
+    def put(self, name: str, content: bytes) -> None:
+        """Store one unit's archive (from `pack_scores` / `pack_checks`), atomically."""
+        atomic_write(self.folder / name, content)
+
+    def has(self, name: str) -> bool:
+        return (self.folder / name).exists()
 
     def images_scored(self) -> int:
         """How many image scorings the cached results stand for (what a rerun saves)."""
@@ -179,15 +154,64 @@ class ScanCache:
             path.unlink(missing_ok=True)
             return None
 
-    def _save(self, name: str, **arrays: np.ndarray) -> None:
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
-        atomic_write(self.folder / name, buffer.getvalue())
+
+def scores_name(start: int) -> str:
+    """The file of stage 0's batch that starts at data index `start`."""
+    return f"scores-{start:08d}.npz"
 
 
-def _checks_name(indices: Sequence[int]) -> str:
+def checks_name(indices: Sequence[int]) -> str:
+    """The file of Algorithm 1's chunk of these data indices."""
     digest = hashlib.sha256(json.dumps([int(i) for i in indices]).encode()).hexdigest()[:24]
     return f"checks-{digest}.npz"
+
+
+def pack_scores(scores: Scores, skipped: Sequence[Skipped]) -> bytes:
+    """One stage 0 batch as an archive's bytes: what a worker sends back and the cache keeps."""
+    return _archive(
+        indices=scores.indices,
+        embeddings=scores.embeddings,
+        topk=scores.topk,
+        probs=scores.probs,
+        skipped=np.array(json.dumps([[s.path, s.reason] for s in skipped])),
+        images_scored=np.array(len(scores.indices)),
+    )
+
+
+def pack_checks(
+    checks: Sequence[ImageCheck], images_scored: int, failures: Sequence[FailureInfo] = ()
+) -> bytes:
+    """One chunk of Algorithm 1's checks (and the images in it that failed) as an archive's bytes."""
+    arrays: dict[str, np.ndarray] = {}
+    fields = []
+    for i, check in enumerate(checks):
+        fields.append(
+            {
+                "index": check.index,
+                "pred": check.pred,
+                "object_labels": list(check.object_labels),
+                "disagrees": check.disagrees,
+                "candidate": check.candidate is not None,
+                "flip": check.flip,
+                "ablated_pred": check.ablated_pred,
+                "oracle_label": check.oracle_label,
+            }
+        )
+        if check.candidate is not None:
+            arrays[f"mask_{i}"] = check.candidate.mask
+            arrays[f"box_{i}"] = np.asarray(check.candidate.box, np.float64)
+    return _archive(
+        checks=np.array(json.dumps(fields, default=_plain)),
+        failures=np.array(json.dumps([asdict(f) for f in failures])),
+        images_scored=np.array(images_scored),
+        **arrays,
+    )
+
+
+def _archive(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
 
 
 def _plain(value: object) -> object:

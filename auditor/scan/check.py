@@ -25,9 +25,11 @@ import numpy as np
 from auditor.oracle import Box, Oracle, Segment, pixel_box
 from auditor.report import FailureInfo
 from auditor.scan.context import FATAL, OBJECT_CONFIDENCE, ScanContext, ScoreFn
+from auditor.scan.executor import Unit
 
 if TYPE_CHECKING:
     from auditor.scan.cache import ScanCache
+    from auditor.scan.executor import Executor
 
 # Segments up to this share of the image may be triggers ("a trigger is small": the zoo's are
 # 2-3.5 %, BadNets' 16 px on 224 px 0.5 %); from OBJECT_AREA up they are objects.
@@ -387,17 +389,29 @@ def run_checks(
     advance: Callable[[int], None],
     cache: ScanCache | None = None,
     retry_failed: bool = False,
+    executor: Executor | None = None,
 ) -> None:
     """Algorithm 1 on `indices`, CHUNK images at a time, into `checks` (data index -> check).
 
     A chunk found in `cache` is not recomputed, and neither are the images that failed in it,
     unless `retry_failed`. The next chunk to compute is decoded and segmented (`SegmentAhead`)
-    while the current one is scored.
+    while the current one is scored. With an `executor` (and a cache), the chunks to compute
+    run there first and are then read back from the cache.
     """
     parts = [indices[start : start + CHUNK] for start in range(0, len(indices), CHUNK)]
     found_in_cache = [cache.load_checks(part) if cache else None for part in parts]
     if retry_failed:
         found_in_cache = [None if c is not None and c[1] else c for c in found_in_cache]
+    elsewhere: set[int] = set()
+    if executor is not None and cache is not None:
+        elsewhere = {k for k, cached in enumerate(found_in_cache) if cached is None}
+        units = [check_unit(ctx, parts[k], probs) for k in sorted(elsewhere)]
+        scored = executor.fill(units, cache, advance)
+        ctx.images_scored += scored
+        ctx.oracle_scored += scored
+        found_in_cache = [
+            c if k not in elsewhere else cache.load_checks(parts[k]) for k, c in enumerate(found_in_cache)
+        ]
     to_compute = [k for k, cached in enumerate(found_in_cache) if cached is None]
     following = dict(zip(to_compute, to_compute[1:], strict=False))  # chunk -> the next one to compute
     with SegmentAhead(ctx) as ahead:
@@ -415,7 +429,27 @@ def run_checks(
                 ctx.failures.extend(failed)
             for check in found:
                 checks[check.index] = check
-            advance(len(part))
+            if k not in elsewhere or cached is None:
+                advance(len(part))
+
+
+def check_unit(ctx: ScanContext, part: list[int], probs: Mapping[int, np.ndarray]) -> Unit:
+    """The unit of work that checks the chunk `part` elsewhere, with what it needs of this scan."""
+    vectors = np.stack([probs[i] for i in part]).astype(np.float32, copy=False)
+    return Unit("checks", tuple(part), vectors, ctx.object_confidence)
+
+
+def check_chunk_alone(ctx: ScanContext, unit: Unit) -> tuple[list[ImageCheck], list[FailureInfo], int]:
+    """A "checks" unit, computed as `run_checks` computes a chunk: (checks, failed images,
+    image scorings spent)."""
+    assert unit.probs is not None
+    part = list(unit.indices)
+    probs = dict(zip(part, unit.probs, strict=True))
+    ctx.object_confidence = unit.confidence
+    before = ctx.images_scored
+    with SegmentAhead(ctx) as ahead:
+        found, failed = _check_chunk(ctx, part, probs, ahead)
+    return found, failed, ctx.images_scored - before
 
 
 class SegmentAhead:

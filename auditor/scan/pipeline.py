@@ -23,6 +23,7 @@ from auditor.scan.cache import ScanCache
 from auditor.scan.check import ImageCheck, object_confidence, run_checks
 from auditor.scan.compact import CompactPair, compact_set
 from auditor.scan.context import Progress, ScanConfig, ScanContext, ScoreFn
+from auditor.scan.executor import Executor
 from auditor.scan.findings import (
     COMPACT_DIR,
     TRIGGER_FILE,
@@ -73,6 +74,7 @@ def scan(
     inversion: str = "never",
     inversion_budget: float | None = None,
     inversion_data: Dataset | None = None,
+    executor: Executor | None = None,
 ) -> ScanResult:
     """Audit `loaded` on `dataset`; see the module docstring for the stages.
 
@@ -102,8 +104,8 @@ def scan(
         if evidence is not None:
             ctx.exact_scorer = ZeroShotScorer(evidence, ctx.scorer.class_weights, ctx.scorer.logit_scale)
         if reference is not None:
-            ctx.label_objects = _reference_scorer(reference, dataset.classes, config)
-        scores = score_all(ctx, cache, tick)
+            ctx.label_objects = reference_scorer(reference, dataset.classes, config)
+        scores = score_all(ctx, cache, tick, executor)
         seconds["scoring"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -111,7 +113,7 @@ def scan(
         embeddings = ByIndex(scores.indices, scores.embeddings)
         if ctx.label_objects is None:  # a reference model's crops keep the fixed bound
             ctx.object_confidence = object_confidence(scores.probs[:, 0], len(dataset.classes))
-        checks = _oracle_checks(ctx, probs, embeddings, cache, retry_failed, tick)
+        checks = _oracle_checks(ctx, probs, embeddings, cache, retry_failed, tick, executor)
         seconds["oracle"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -138,7 +140,7 @@ def scan(
     return ScanResult(report, triggers, overlays, compact)
 
 
-def _reference_scorer(reference: LoadedModel, classes: list[str], config: ScanConfig) -> ScoreFn:
+def reference_scorer(reference: LoadedModel, classes: list[str], config: ScanConfig) -> ScoreFn:
     """Score function of the trusted reference model (PyTorch runners, kept active)."""
     image_runner, text_runner = torch_runners(reference)
     image_runner.activate()
@@ -154,6 +156,7 @@ def _oracle_checks(
     cache: ScanCache | None,
     retry_failed: bool,
     tick: Progress,
+    executor: Executor | None = None,
 ) -> dict[int, ImageCheck]:
     """Algorithm 1 on the stratified sample, on the follow-up images that match a class's
     strongest candidate (`auditor.scan.suspects.follow_up`), then on every image predicted as a
@@ -167,18 +170,39 @@ def _oracle_checks(
     sample = choose_sample(ctx, preds, embeddings)
     checks: dict[int, ImageCheck] = {}
     run_checks(
-        ctx, sample, probs, checks, lambda n: tick("oracle: sample", n, len(sample)), cache, retry_failed
+        ctx,
+        sample,
+        probs,
+        checks,
+        lambda n: tick("oracle: sample", n, len(sample)),
+        cache,
+        retry_failed,
+        executor,
     )
     extra = follow_up(checks, preds, ctx.image)
     run_checks(
-        ctx, extra, probs, checks, lambda n: tick("oracle: follow-up", n, len(extra)), cache, retry_failed
+        ctx,
+        extra,
+        probs,
+        checks,
+        lambda n: tick("oracle: follow-up", n, len(extra)),
+        cache,
+        retry_failed,
+        executor,
     )
     sampled = list(checks.values())
     suspects = set(suspect_classes(sampled, len(ctx.dataset.classes)))
     suspects -= {c.target for c in candidate_clusters(sampled, ctx.image, ctx.config.min_candidates)}
     rest = sorted(i for i, p in preds.items() if p in suspects and i not in checks)
     run_checks(
-        ctx, rest, probs, checks, lambda n: tick("oracle: suspects", n, len(rest)), cache, retry_failed
+        ctx,
+        rest,
+        probs,
+        checks,
+        lambda n: tick("oracle: suspects", n, len(rest)),
+        cache,
+        retry_failed,
+        executor,
     )
     return checks
 

@@ -12,44 +12,62 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from auditor.data import iter_batches
-from auditor.scan.cache import ScanCache
+from auditor.data import Skipped, iter_batches
+from auditor.scan.cache import ScanCache, scores_name
 from auditor.scan.context import Progress, ScanContext, T
+from auditor.scan.executor import Executor, Unit
 from auditor.scoring import Scores
 
 # Clusters of a predicted class's embeddings that its oracle sample is spread over.
 SAMPLE_STRATA = 4
 
 
-def score_all(ctx: ScanContext, cache: ScanCache | None, tick: Progress) -> Scores:
+def score_all(
+    ctx: ScanContext, cache: ScanCache | None, tick: Progress, executor: Executor | None = None
+) -> Scores:
     """Every image scored once, in fixed batches of data indices (cached one by one).
 
     A batch is a fixed range of indices, whatever in it fails to decode, so that a resumed scan
     scores exactly the batches an uninterrupted one would (same numbers, to the last bit).
+    With an `executor` (and a cache), the batches not cached yet are scored there first.
     """
     dataset, size = ctx.dataset, ctx.config.batch_size
     total = len(dataset.samples)
+    starts = range(0, total, size)
+    elsewhere = set()
+    if executor is not None and cache is not None:
+        missing = [start for start in starts if not cache.has(scores_name(start))]
+        units = [Unit("scores", tuple(range(start, min(total, start + size)))) for start in missing]
+        ctx.images_scored += executor.fill(units, cache, lambda n: tick("scoring", n, total))
+        elsewhere = set(missing)
     parts = []
-    for start in range(0, total, size):
+    for start in starts:
         cached = cache.load_scores(start) if cache else None
         if cached is not None:
             part, skipped = cached
             dataset.skipped.extend(skipped)
         else:
-            known = len(dataset.skipped)
-            indices = list(range(start, min(total, start + size)))
-            part = ctx.scorer.score_batches(
-                iter_batches(dataset, ctx.loaded.preprocess, size, indices=indices)
-            )
-            ctx.images_scored += len(part.indices)
+            part, skipped = score_batch(ctx, start)
             if cache:
-                cache.save_scores(start, part, dataset.skipped[known:])
+                cache.save_scores(start, part, skipped)
         parts.append(part)
-        tick("scoring", min(size, total - start), total)
+        if start not in elsewhere or cached is None:
+            tick("scoring", min(size, total - start), total)
     if not parts:
         return ctx.scorer.score_batches([])
     columns = [(p.indices, p.embeddings, p.topk, p.probs) for p in parts]
     return Scores(*(np.concatenate(column) for column in zip(*columns, strict=True)))
+
+
+def score_batch(ctx: ScanContext, start: int) -> tuple[Scores, list[Skipped]]:
+    """Stage 0 on the batch of data indices [start, start + batch_size): its scores and the
+    files in it that could not be used."""
+    dataset, size = ctx.dataset, ctx.config.batch_size
+    known = len(dataset.skipped)
+    indices = list(range(start, min(len(dataset.samples), start + size)))
+    part = ctx.scorer.score_batches(iter_batches(dataset, ctx.loaded.preprocess, size, indices=indices))
+    ctx.images_scored += len(part.indices)
+    return part, dataset.skipped[known:]
 
 
 class ByIndex(Mapping[int, np.ndarray]):
