@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +47,13 @@ def write_data(root: Path, images: int, classes: int, seed: int = 0) -> None:
         Image.fromarray(pixels).save(root / f"c{i % classes:04d}" / f"{i:07d}.png", compress_level=1)
 
 
-def scan_once(model: Path, data: Path, out: Path) -> dict[str, object]:
-    """Scan `data` in a child process; its peak RSS (MiB), wall seconds, exit code and costs."""
+def scan_once(model: Path, data: Path, out: Path, extra: Sequence[str] = ()) -> dict[str, object]:
+    """Scan `data` in a child process (`extra`: more CLI options); its peak RSS (MiB), wall
+    seconds, exit code and costs."""
     cli = Path(sys.executable).parent / "clip-audit"
     argv = [str(cli), "scan", str(model), str(data), "--arch", str(CONFIG_PATH)]
-    argv += ["--engine", "torch", "--inversion", "never", "--out", str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    argv += ["--engine", "torch", "--inversion", "never", "--out", str(out), *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}  # one log line per line
     started = time.perf_counter()
     child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert child.stderr is not None
@@ -67,6 +69,9 @@ def scan_once(model: Path, data: Path, out: Path) -> dict[str, object]:
         "stage_seconds": report.get("cost", {}).get("seconds"),
         "oracle_images": report.get("cost", {}).get("oracle_images"),
         "stderr_tail": errors.decode(errors="replace")[-400:] if child.returncode not in (0, 1) else "",
+        "ray_lines": [
+            line for line in errors.decode(errors="replace").splitlines() if line.startswith("ray: ")
+        ],
     }
 
 

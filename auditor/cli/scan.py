@@ -236,7 +236,7 @@ def scan_command(
                 oracle, oracle_checkpoint, oracle_points, reference,
             )  # fmt: skip
             on_gpu = any(name in runners[0].provider.lower() for name in ("cuda", "tensorrt"))
-            executor = RayExecutor(setup, ray_actors, ray_address, gpus=1 if on_gpu else 0)
+            executor = RayExecutor(setup, ray_actors, ray_address, 1 if on_gpu else 0, notify=state.info)
             state.info(f"--executor ray: {executor.actors} actors")
         with state.stage_progress() as tick:
             result = scan(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -99,7 +100,12 @@ class RayExecutor:
     """
 
     def __init__(
-        self, setup: WorkerSetup, actors: int | None = None, address: str | None = None, gpus: float = 0
+        self,
+        setup: WorkerSetup,
+        actors: int | None = None,
+        address: str | None = None,
+        gpus: float = 0,
+        notify: Callable[[str], None] | None = None,
     ):
 
         cpus = connect(address)
@@ -107,6 +113,7 @@ class RayExecutor:
         self.gpus = gpus
         self.setup = setup.without_skips()
         self.units_done = 0
+        self.notify = notify or (lambda line: None)
 
     def fill(self, units: Sequence[Unit], cache: ScanCache, advance: Callable[[int], None]) -> int:
         if not units:
@@ -127,7 +134,7 @@ class RayExecutor:
             num_cpus=ACTOR_CPUS,
             num_gpus=self.gpus or None,
         )
-        scored = 0
+        scored, started, arrivals = 0, time.perf_counter(), []
         try:
             for row in results.iter_rows():
                 name = str(row["name"])
@@ -135,8 +142,10 @@ class RayExecutor:
                 scored += int(row["images_scored"])
                 self.units_done += 1
                 advance(len(by_name[name].indices))
+                arrivals.append((time.perf_counter() - started, len(by_name[name].indices)))
         except Exception as exc:  # a worker's own error arrives wrapped: raise what it raised
             raise _cause(exc) from None
+        self.notify(_timing_line(units[0].kind, len(units), min(self.actors, len(units)), arrivals))
         return scored
 
 
@@ -159,6 +168,16 @@ class _UnitWorker:
             "content": np.array(contents, dtype=object),
             "images_scored": np.array(scored, np.int64),
         }
+
+
+def _timing_line(kind: str, units: int, actors: int, arrivals: list[tuple[float, int]]) -> str:
+    """What a stage cost on Ray: start-up (until the first result) apart from the steady rate."""
+    first = arrivals[0][0]
+    line = f"ray: {units} {kind} units on {actors} actors, first result after {first:.1f} s"
+    if len(arrivals) > 1 and arrivals[-1][0] > first:
+        rate = sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - first)
+        line += f", then {rate:.1f} images/s over {arrivals[-1][0] - first:.1f} s"
+    return line
 
 
 def _cause(exc: BaseException) -> BaseException:
