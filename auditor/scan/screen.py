@@ -1,14 +1,17 @@
 """Stage 0 and the first half of stage 1: score every image once, then choose what the oracle checks.
 
 Stage 0 embeds every image of DATA once, in fixed batches of data indices (each batch cached as
-it finishes). Stage 1 picks a stratified sample of up to `per_class` images per predicted
-class, drawn in turn from the images whose folder label disagrees with the prediction and from
-clusters of the others' embeddings: the oracle (the expensive part) never runs on every image.
+it finishes; the embeddings go to a memory-mapped file, `EmbeddingFile`). Stage 1 picks a
+stratified sample of up to `per_class` images per predicted class, drawn in turn from the
+images whose folder label disagrees with the prediction and from clusters of the others'
+embeddings: the oracle (the expensive part) never runs on every image.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -40,7 +43,8 @@ def score_all(
         units = [Unit("scores", tuple(range(start, min(total, start + size)))) for start in missing]
         ctx.images_scored += executor.fill(units, cache, lambda n: tick("scoring", n, total))
         elsewhere = set(missing)
-    parts = []
+    columns = []
+    embeddings = EmbeddingFile(cache.folder if cache else None, total)
     for start in starts:
         cached = cache.load_scores(start) if cache else None
         if cached is not None:
@@ -50,13 +54,57 @@ def score_all(
             part, skipped = score_batch(ctx, start)
             if cache:
                 cache.save_scores(start, part, skipped)
-        parts.append(part)
+        embeddings.append(part.embeddings)
+        columns.append((part.indices, part.topk, part.probs))
         if start not in elsewhere or cached is None:
             tick("scoring", min(size, total - start), total)
-    if not parts:
+    if not columns:
         return ctx.scorer.score_batches([])
-    columns = [(p.indices, p.embeddings, p.topk, p.probs) for p in parts]
-    return Scores(*(np.concatenate(column) for column in zip(*columns, strict=True)))
+    indices, topk, probs = (np.concatenate(column) for column in zip(*columns, strict=True))
+    return Scores(indices, embeddings.rows(), topk, probs)
+
+
+class EmbeddingFile:
+    """Stage 0's embeddings, float32 (n, D), written batch by batch into a memory-mapped `.npy`.
+
+    The later stages read the embeddings of one predicted class at a time (the oracle's
+    sample), so all of them need not sit in memory: at a million images and D = 512 they would
+    be 2 GB. The file lives in the scan cache (`embeddings.npy`, rewritten by each scan; it is
+    not a unit of resumable work) or, without a cache, in a temporary file unlinked at once
+    (the mapping keeps it until the scan drops it).
+    """
+
+    NAME = "embeddings.npy"
+
+    def __init__(self, folder: Path | None, capacity: int) -> None:
+        self.folder, self.capacity, self.count = folder, capacity, 0
+        self.array: np.ndarray | None = None
+
+    def append(self, rows: np.ndarray) -> None:
+        """`rows`: float32 (n, D); a batch whose images were all skipped may be empty of any shape."""
+        if len(rows) == 0:
+            return
+        if self.array is None:
+            self.array = self._open(rows.shape[1])
+        self.array[self.count : self.count + len(rows)] = rows
+        self.count += len(rows)
+
+    def rows(self) -> np.ndarray:
+        """The embeddings appended so far, in order (a read-only view of the file)."""
+        if self.array is None:
+            return np.zeros((0, 0), np.float32)
+        if isinstance(self.array, np.memmap):
+            self.array.flush()
+        return self.array[: self.count]
+
+    def _open(self, dim: int) -> np.ndarray:
+        shape = (self.capacity, dim)
+        if self.folder is not None:
+            return np.lib.format.open_memmap(
+                self.folder / self.NAME, mode="w+", dtype=np.float32, shape=shape
+            )
+        with tempfile.NamedTemporaryFile(prefix="clip-audit-embeddings-", suffix=".npy") as handle:
+            return np.lib.format.open_memmap(handle.name, mode="w+", dtype=np.float32, shape=shape)
 
 
 def score_batch(ctx: ScanContext, start: int) -> tuple[Scores, list[Skipped]]:

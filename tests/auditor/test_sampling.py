@@ -100,3 +100,25 @@ def test_probabilities_rebuild_each_vector_from_its_top_k_without_a_table():
     assert predictions(table) == {7: 3, 2: 1, 5: 2}
     with pytest.raises(KeyError):
         table[4]
+
+
+@pytest.mark.parametrize("in_cache", [True, False])
+def test_embeddings_are_appended_in_order_into_a_file_not_memory(tmp_path, in_cache):
+    from auditor.scan.screen import EmbeddingFile
+
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((n, 8)).astype(np.float32) for n in (5, 0, 3, 4)]
+    batches.insert(0, np.zeros((0,), np.float32))  # a batch of skipped files only
+    store = EmbeddingFile(tmp_path if in_cache else None, capacity=14)  # room for skipped images
+    for batch in batches:
+        store.append(batch)
+    rows = store.rows()
+    assert isinstance(rows, np.memmap)
+    np.testing.assert_array_equal(rows, np.concatenate([b for b in batches if b.ndim == 2]))
+    assert (tmp_path / EmbeddingFile.NAME).exists() == in_cache
+
+
+def test_no_embeddings_give_an_empty_table():
+    from auditor.scan.screen import EmbeddingFile
+
+    assert EmbeddingFile(None, capacity=0).rows().shape[0] == 0
