@@ -17,3 +17,13 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for weights in MATRIX_WEIGHTS.glob("*.safetensors"):
         shutil.copy(weights, cache / weights.name)
     return cache
+
+
+@pytest.fixture(scope="module")
+def patch_random_scan(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The patch-random zoo model's scan folder (240 images, planted trigger) and its ground truth."""
+    from auditor.zoo.build import write_scan_data
+
+    root = tmp_path_factory.mktemp("patch-random")
+    truth = write_scan_data("patch-random", root / "data", per_class=20)
+    return root / "data", truth

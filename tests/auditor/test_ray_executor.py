@@ -23,7 +23,7 @@ import pytest
 
 from auditor.cli import run
 from auditor.scan.cache import CACHE_DIR
-from auditor.zoo.build import CONFIG_PATH, checkpoint_path, write_scan_data
+from auditor.zoo.build import CONFIG_PATH, checkpoint_path
 
 pytest.importorskip("ray", reason="the ray extra is not installed")
 
@@ -59,15 +59,8 @@ def _written(out: Path) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def scan_data(tmp_path_factory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("ray-data")
-    truth = write_scan_data("patch-random", root / "data", per_class=20)
-    return root / "data", truth
-
-
-@pytest.fixture(scope="module")
-def local(scan_data, tmp_path_factory) -> dict[str, object]:
-    data, truth = scan_data
+def local(patch_random_scan, tmp_path_factory) -> dict[str, object]:
+    data, truth = patch_random_scan
     out = tmp_path_factory.mktemp("local") / "out"
     _finish(_scan(data, out))
     written = _written(out)
@@ -78,15 +71,15 @@ def local(scan_data, tmp_path_factory) -> dict[str, object]:
     return written
 
 
-def test_a_ray_scan_writes_what_a_local_scan_writes(scan_data, local, tmp_path):
-    data, _ = scan_data
+def test_a_ray_scan_writes_what_a_local_scan_writes(patch_random_scan, local, tmp_path):
+    data, _ = patch_random_scan
     out = tmp_path / "out"
     _finish(_scan(data, out, "--executor", "ray", "--ray-actors", "2"))
     assert _written(out) == local
 
 
-def test_a_killed_ray_actor_changes_nothing(scan_data, local, tmp_path):
-    data, _ = scan_data
+def test_a_killed_ray_actor_changes_nothing(patch_random_scan, local, tmp_path):
+    data, _ = patch_random_scan
     out = tmp_path / "out"
     process = _scan(data, out, "--executor", "ray", "--ray-actors", "2")
     killed: list[int] = []
@@ -156,23 +149,25 @@ def two_node_cluster():
 
 
 def test_a_scan_on_a_two_node_cluster_writes_what_a_local_scan_writes(
-    scan_data, local, tmp_path, two_node_cluster
+    patch_random_scan, local, tmp_path, two_node_cluster
 ):
-    data, _ = scan_data
+    data, _ = patch_random_scan
     address, env = two_node_cluster
     out = tmp_path / "out"
     _finish(_scan(data, out, "--executor", "ray", "--ray-address", address, env=env))
     assert _written(out) == local
 
 
-def test_without_ray_the_executor_exits_3_with_the_install_line(scan_data, tmp_path, monkeypatch, capsys):
+def test_without_ray_the_executor_exits_3_with_the_install_line(
+    patch_random_scan, tmp_path, monkeypatch, capsys
+):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
     )
-    data, _ = scan_data
+    data, _ = patch_random_scan
     code = run(
         ["scan", MODEL, str(data), "--arch", str(CONFIG_PATH), "--executor", "ray", "--out", str(tmp_path)]
     )

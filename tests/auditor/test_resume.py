@@ -21,7 +21,7 @@ import pytest
 
 from auditor.cli import run
 from auditor.scan.cache import CACHE_DIR
-from auditor.zoo.build import CONFIG_PATH, checkpoint_path, write_scan_data
+from auditor.zoo.build import CONFIG_PATH, checkpoint_path
 
 MODEL = str(checkpoint_path("patch-random"))
 
@@ -48,20 +48,13 @@ def _cached_scorings(out: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def scan_data(tmp_path_factory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("resume")
-    truth = write_scan_data("patch-random", root / "data", per_class=20)
-    return root / "data", truth
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(scan_data, tmp_path_factory) -> dict:
-    data, _ = scan_data
+def uninterrupted(patch_random_scan, tmp_path_factory) -> dict:
+    data, _ = patch_random_scan
     return _scan(data, tmp_path_factory.mktemp("full") / "out")
 
 
-def test_killed_scan_resumes_with_only_the_missing_work(scan_data, uninterrupted, tmp_path):
-    data, truth = scan_data
+def test_killed_scan_resumes_with_only_the_missing_work(patch_random_scan, uninterrupted, tmp_path):
+    data, truth = patch_random_scan
     out = tmp_path / "out"
     command = [sys.executable, "-c", "from auditor.cli import main; main()", "-q", *_args(data, out)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ)
@@ -87,8 +80,8 @@ def test_killed_scan_resumes_with_only_the_missing_work(scan_data, uninterrupted
     assert resumed["target_labels"] == [truth["target"]]
 
 
-def test_changed_data_invalidates_the_cache(scan_data, uninterrupted, tmp_path):
-    data, _ = scan_data
+def test_changed_data_invalidates_the_cache(patch_random_scan, uninterrupted, tmp_path):
+    data, _ = patch_random_scan
     changed = tmp_path / "data"
     shutil.copytree(data, changed)
     first, second = sorted(changed.glob("dog/*.png"))[:2]
@@ -105,8 +98,8 @@ def test_changed_data_invalidates_the_cache(scan_data, uninterrupted, tmp_path):
     assert key == json.loads((tmp_path / "fresh" / CACHE_DIR / "key.json").read_text())
 
 
-def test_a_damaged_cache_entry_is_recomputed(scan_data, uninterrupted, tmp_path):
-    data, _ = scan_data
+def test_a_damaged_cache_entry_is_recomputed(patch_random_scan, uninterrupted, tmp_path):
+    data, _ = patch_random_scan
     out = tmp_path / "out"
     _scan(data, out)
     victim = sorted((out / CACHE_DIR).glob("scores-*.npz"))[0]
