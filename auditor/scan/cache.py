@@ -168,7 +168,7 @@ def checks_name(indices: Sequence[int]) -> str:
 
 def pack_scores(scores: Scores, skipped: Sequence[Skipped]) -> bytes:
     """One stage 0 batch as an archive's bytes: what a worker sends back and the cache keeps."""
-    return _archive(
+    return archive_bytes(
         indices=scores.indices,
         embeddings=scores.embeddings,
         topk=scores.topk,
@@ -200,7 +200,7 @@ def pack_checks(
         if check.candidate is not None:
             arrays[f"mask_{i}"] = check.candidate.mask
             arrays[f"box_{i}"] = np.asarray(check.candidate.box, np.float64)
-    return _archive(
+    return archive_bytes(
         checks=np.array(json.dumps(fields, default=_plain)),
         failures=np.array(json.dumps([asdict(f) for f in failures])),
         images_scored=np.array(images_scored),
@@ -208,7 +208,8 @@ def pack_checks(
     )
 
 
-def _archive(**arrays: np.ndarray) -> bytes:
+def archive_bytes(**arrays: np.ndarray) -> bytes:
+    """`arrays` as the bytes of a compressed numpy archive (read back with allow_pickle=False)."""
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
     return buffer.getvalue()

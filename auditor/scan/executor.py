@@ -45,16 +45,15 @@ class Unit:
 
     def to_bytes(self) -> bytes:
         """The unit as a numpy archive (how it travels to a worker: data, never code)."""
-        buffer = io.BytesIO()
+        from auditor.scan.cache import archive_bytes
+
         probs = self.probs if self.probs is not None else np.zeros((0, 0), np.float32)
-        np.savez(
-            buffer,
+        return archive_bytes(
             kind=np.array(self.kind),
             indices=np.asarray(self.indices, np.int64),
             probs=probs,
             confidence=np.array(self.confidence, np.float64),
         )
-        return buffer.getvalue()
 
     @classmethod
     def from_bytes(cls, content: bytes) -> Unit:

@@ -112,7 +112,6 @@ class RayExecutor:
         self.actors = max(1, actors or int(cpus / ACTOR_CPUS))
         self.gpus = gpus
         self.setup = setup.without_skips()
-        self.units_done = 0
         self.notify = notify or (lambda line: None)
 
     def fill(self, units: Sequence[Unit], cache: ScanCache, advance: Callable[[int], None]) -> int:
@@ -140,7 +139,6 @@ class RayExecutor:
                 name = str(row["name"])
                 cache.put(name, bytes(row["content"]))
                 scored += int(row["images_scored"])
-                self.units_done += 1
                 advance(len(by_name[name].indices))
                 arrivals.append((time.perf_counter() - started, len(by_name[name].indices)))
         except Exception as exc:  # a worker's own error arrives wrapped: raise what it raised
