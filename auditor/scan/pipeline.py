@@ -179,7 +179,7 @@ def _oracle_checks(
         retry_failed,
         executor,
     )
-    extra = follow_up(checks, preds, ctx.image)
+    extra = follow_up(checks, preds, ctx.image, ctx.config.seed)
     run_checks(
         ctx,
         extra,

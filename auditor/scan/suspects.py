@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 
@@ -185,12 +186,32 @@ def _appearance(image: np.ndarray, check: ImageCheck) -> Appearance:
 
 
 FOLLOW_UP = 8  # images per class checked after the sample, chosen by matching a candidate
+# Matching every unchecked image of a class costs a decode and a template match per image: at
+# web scale, a second pass over DATA as long as stage 0. A class's matches are sought in a
+# seeded random pool instead, as large as needed that a trigger on FOLLOW_UP_SHARE of the
+# class's images leaves fewer than FOLLOW_UP of them in the pool with probability
+# <= FOLLOW_UP_MISS (binomial; 975 images). A triggered image's share of its target's
+# predictions is far higher in practice: every triggered image is predicted as the target.
+FOLLOW_UP_SHARE = 0.02
+FOLLOW_UP_MISS = 1e-3
+
+
+@cache
+def follow_up_pool() -> int:
+    """Images per class that `follow_up` matches at most (see FOLLOW_UP_SHARE)."""
+    from scipy.stats import binom
+
+    size = FOLLOW_UP
+    while binom.cdf(FOLLOW_UP - 1, size, FOLLOW_UP_SHARE) > FOLLOW_UP_MISS:
+        size += 1
+    return size
 
 
 def follow_up(
     checks: dict[int, ImageCheck],
     predictions: dict[int, int],
     image: Callable[[int], np.ndarray],
+    seed: int = 0,
 ) -> list[int]:
     """Unchecked images worth the oracle next: per class with a candidate, the FOLLOW_UP
     images predicted as that class that best match its strongest candidate (normalized
@@ -206,7 +227,9 @@ def follow_up(
     it. A trigger is the same pattern in every image it was planted in, so matching the one
     candidate seen finds the others without the oracle; the oracle then checks them, and the
     decision stays with the clustering and the transplant test. A benign candidate's matches
-    are checked and found benign. `predictions`: data index -> top-1 class (stage 0).
+    are checked and found benign. `predictions`: data index -> top-1 class (stage 0). A class
+    with more than `follow_up_pool()` unchecked images is matched on a random pool of that many
+    (`seed`), so the cost is bounded by classes, not images.
     """
     from auditor.scan.trigger import build_prototype
     from auditor.scan.victims import MATCH_THRESHOLD, locate
@@ -217,11 +240,18 @@ def follow_up(
             best = strongest.get(check.pred)
             if best is None or (-check.flip, check.index) < (-best.flip, best.index):
                 strongest[check.pred] = check
+    by_class: dict[int, list[int]] = {cls: [] for cls in strongest}
+    for index, cls in predictions.items():
+        if cls in by_class and index not in checks:
+            by_class[cls].append(index)
     chosen: list[int] = []
     for cls, lead in sorted(strongest.items()):
         assert lead.candidate is not None
         prototype = build_prototype([image(lead.index)], [lead.candidate.box])
-        unchecked = sorted(i for i, p in predictions.items() if p == cls and i not in checks)
+        unchecked = sorted(by_class[cls])
+        if len(unchecked) > follow_up_pool():
+            rng = np.random.default_rng([seed, cls])
+            unchecked = sorted(rng.choice(unchecked, follow_up_pool(), replace=False).tolist())
         scored = [(locate(image(i), prototype)[1], i) for i in unchecked]
         matches = sorted((s for s in scored if s[0] >= MATCH_THRESHOLD), key=lambda s: (-s[0], s[1]))
         chosen += [i for _, i in matches[:FOLLOW_UP]]

@@ -14,11 +14,13 @@ from auditor.oracle import Segment
 from auditor.scan.check import ImageCheck
 from auditor.scan.control import control_test, natural_pieces
 from auditor.scan.suspects import (
+    FOLLOW_UP,
     Appearance,
     _appearance,
     candidate_clusters,
     cluster_candidates,
     follow_up,
+    follow_up_pool,
     looks_alike,
 )
 from auditor.scan.trigger import Prototype, align_boxes, build_prototype, fit_to_pattern
@@ -109,6 +111,29 @@ def test_trigger_candidates_on_images_that_agree_with_the_oracle_still_form_the_
     unchecked = {i: TARGET for i in range(len(images))}
     chosen = follow_up(two, unchecked, lambda i: images[i])
     assert chosen and set(chosen) <= set(range(len(images))) - set(two)
+
+
+def test_follow_up_on_a_large_class_matches_a_bounded_pool_and_still_finds_planted_images():
+    """A class with more unchecked images than `follow_up_pool()`: only a pool that large is
+    read, and at a 5 % trigger share every chosen image is a planted one (issue 15: the
+    follow-up must not become a second pass over DATA)."""
+    pool = follow_up_pool()
+    planted, places = _planted(seed=7, count=3 * pool // 20)  # 5 % of 3 x pool
+    rng = np.random.default_rng(8)
+    images = {i: image for i, image in enumerate(planted)}
+    for i in range(len(planted), 3 * pool):
+        images[i] = _scene(rng)
+    checks = {c.index: c for c in (_checked(i, _jittered(places[i], rng), disagrees=False) for i in range(2))}
+    read: list[int] = []
+
+    def image(index: int) -> np.ndarray:
+        read.append(index)
+        return images[index]
+
+    chosen = follow_up(checks, dict.fromkeys(images, TARGET), image)
+    assert len(set(read)) <= pool + len(checks)
+    assert len(chosen) == FOLLOW_UP
+    assert set(chosen) <= set(range(len(planted))) - set(checks)
 
 
 def test_aligned_boxes_sit_on_the_trigger_and_the_prototype_is_the_planted_pattern():
