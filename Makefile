@@ -39,7 +39,7 @@ demo: setup
 test: setup matrix-data
 	$(BIN)/ruff check auditor engines tests benchmarks
 	$(BIN)/mypy auditor engines
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check auditor engines tests benchmarks

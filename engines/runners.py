@@ -11,6 +11,7 @@ both. `provider` says what really runs the computation, so that a silent fallbac
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
@@ -133,6 +134,15 @@ def choose_providers(available: list[str], requested: tuple[str, ...] = PREFERRE
     return chosen
 
 
+def omp_threads() -> int:
+    """OMP_NUM_THREADS when it is a positive integer, else 0 (ONNX Runtime's default: one
+    thread per physical core). A process its scheduler gave N threads (a Ray actor, a Slurm
+    task, a pytest-xdist worker) keeps ONNX Runtime to them, as PyTorch does; ORT itself ignores
+    the variable, and its spinning threads on a shared core slow every process on it."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else 0
+
+
 class OnnxRuntimeRunner(BaseRunner):
     """ONNX Runtime over one ONNX file; feeds and outputs are named as in the graph.
 
@@ -169,7 +179,7 @@ class OnnxRuntimeRunner(BaseRunner):
         except ImportError as exc:
             raise EngineError("onnxruntime is not installed", hint="pip install onnxruntime") from exc
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
+        options.intra_op_num_threads = self.threads or omp_threads()
         providers = choose_providers(ort.get_available_providers(), self.requested)
         try:
             session = ort.InferenceSession(self.path, sess_options=options, providers=providers)

@@ -9,6 +9,11 @@ import pytest
 from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `make test` runs two pytest-xdist workers on a 2-core machine: each keeps to one core, and so do
+# the CLI processes it starts (PyTorch and, via `engines.runners.omp_threads`, ONNX Runtime read
+# this), instead of four spinning thread pools on two cores.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 # Property tests check results, not speed (speed is for benchmarks/): hypothesis's per-example
 # deadline failed on a busy 2-core CI machine when a first example ran 330 ms against 200.

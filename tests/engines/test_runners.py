@@ -23,3 +23,15 @@ def test_torch_runner_protocol_and_outputs():
     expected = layer(torch.ones(2, 4)).detach().numpy()
     assert out.dtype == np.float32 and np.allclose(out, expected)
     assert runner.provider == "torch-cpu" and not runner.active
+
+
+def test_onnx_runtime_keeps_to_the_threads_its_process_was_given(tmp_path, monkeypatch):
+    # ORT ignores OMP_NUM_THREADS; the runner passes it on, so a worker given one core uses one.
+    from engines import OnnxRuntimeRunner
+
+    path = tmp_path / "linear.onnx"
+    torch.onnx.export(torch.nn.Linear(4, 3), (torch.ones(1, 4),), str(path), dynamo=False)
+    for value, expected in (("1", 1), ("3", 3), ("", 0), ("two", 0)):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        with OnnxRuntimeRunner(str(path)) as runner:
+            assert runner.session.get_session_options().intra_op_num_threads == expected
