@@ -11,7 +11,7 @@ have several targets: each confirmed one is a `Finding`, and the report lists th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -30,7 +30,14 @@ from auditor.report import (
     VictimInfo,
 )
 from auditor.scan.check import ImageCheck
-from auditor.scan.confirm import CleanSet, Finding, confirm_overlay, confirm_patch, natural_targets
+from auditor.scan.confirm import (
+    CleanSet,
+    Finding,
+    confirm_overlay,
+    confirm_patch,
+    natural_targets,
+    transplant_test,
+)
 from auditor.scan.context import Progress, ScanContext
 from auditor.scan.suspects import candidate_clusters, suspect_classes
 from auditor.scan.victims import Victim
@@ -82,6 +89,12 @@ def find_backdoors(ctx: ScanContext, checks: dict[int, ImageCheck], tick: Progre
         tick("confirming", 1, total)
     rejected = [f for f in tested if f.target not in confirmed]
     best = max(rejected, key=lambda f: (f.transplant_rate, -f.target)) if rejected else None
+    cleared = (set(suspects) | set(clustered)) - set(confirmed)
+    if cleared and confirmed:
+        extra = _clean_set(ctx, checks, set(confirmed), only=cleared)
+        for target, finding in confirmed.items():
+            topped_up = ctx.attempt("confirm", partial(_with_cleared_classes, ctx, finding, extra))
+            confirmed[target] = topped_up or finding
     return Findings(
         suspects,
         clustered,
@@ -90,12 +103,43 @@ def find_backdoors(ctx: ScanContext, checks: dict[int, ImageCheck], tick: Progre
     )
 
 
-def _clean_set(ctx: ScanContext, checks: dict[int, ImageCheck], suspected: set[int]) -> CleanSet:
-    """Up to CLEAN_IMAGES checked images the oracle agrees with, of classes nobody suspects."""
+def _with_cleared_classes(ctx: ScanContext, finding: Finding, cleared: CleanSet) -> Finding:
+    """`finding` with its per-class transplant rates (which name the victim labels) measured on
+    the clean images of classes that were suspected and then not confirmed, too.
+
+    Why: the clean set leaves out every suspected class, because until its test a suspect's
+    images may carry a trigger. Once tested and rejected, its agreeing images are as clean as any
+    other class's; without them a victim label hinged on whether a benign class happened to be
+    suspected, which differs between an int8 and an fp32 bulk engine (a zoo ViT on an AVX2 CPU:
+    int8 found a look-alike cluster in 'flower', the transplant rejected it, and 'flower' fell out
+    of the victim labels). The decision (`transplant_rate`, the control) stays on the set it was
+    made on. A non-localized finding's victim labels come from its victims: unchanged.
+    """
+    if finding.kind != "patch" or finding.prototype is None or not cleared.checks:
+        return finding
+    _, rates = transplant_test(
+        finding.prototype,
+        list(cleared.images),
+        cleared.labels,
+        finding.target,
+        ctx.score_exact,
+        ctx.config.seed,
+    )
+    return replace(finding, per_class_rates=dict(sorted({**finding.per_class_rates, **rates}.items())))
+
+
+def _clean_set(
+    ctx: ScanContext, checks: dict[int, ImageCheck], suspected: set[int], only: set[int] | None = None
+) -> CleanSet:
+    """Up to CLEAN_IMAGES checked images the oracle agrees with, of classes nobody suspects
+    (and, given `only`, of those classes alone)."""
     clean = [
         c
         for c in checks.values()
-        if not c.disagrees and c.pred not in suspected and c.pred in c.object_labels
+        if not c.disagrees
+        and c.pred not in suspected
+        and c.pred in c.object_labels
+        and (only is None or c.pred in only)
     ][:CLEAN_IMAGES]
     return CleanSet(tuple(clean), tuple(ctx.image(c.index) for c in clean))
 

@@ -155,11 +155,6 @@ def test_onnx_and_torch_engines_give_the_same_findings(engine_reports):
     assert reports["onnx"]["target_labels"] == [truth["target"]]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known gap (issue 14): victim labels are the classes of the transplant's clean set, which "
-    "the oracle chooses with bulk (int8) scores; on an AVX2-only CPU int8 dropped 'flower' from it",
-)
 def test_onnx_and_torch_engines_name_the_same_victim_labels(engine_reports):
     reports, _ = engine_reports
     assert reports["onnx"]["victim_labels"] == reports["torch"]["victim_labels"]
