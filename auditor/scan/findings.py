@@ -10,7 +10,7 @@ have several targets: each confirmed one is a `Finding`, and the report lists th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -70,7 +70,8 @@ def find_backdoors(ctx: ScanContext, checks: dict[int, ImageCheck], tick: Progre
     suspects = suspect_classes(list(checks.values()), len(ctx.dataset.classes))
     clusters = candidate_clusters(list(checks.values()), ctx.image, ctx.config.min_candidates)
     clustered = tuple(sorted({c.target for c in clusters}))
-    clean = _clean_set(ctx, checks, set(suspects) | set(clustered))
+    suspected = set(suspects) | set(clustered)
+    clean = _clean_set(ctx, checks, lambda c: c not in suspected)
     confirmed: dict[int, Finding] = {}
     tested: list[Finding] = []
     patch_tests = clusters[:MAX_PATCH_TESTS]
@@ -89,9 +90,9 @@ def find_backdoors(ctx: ScanContext, checks: dict[int, ImageCheck], tick: Progre
         tick("confirming", 1, total)
     rejected = [f for f in tested if f.target not in confirmed]
     best = max(rejected, key=lambda f: (f.transplant_rate, -f.target)) if rejected else None
-    cleared = (set(suspects) | set(clustered)) - set(confirmed)
+    cleared = suspected - set(confirmed)
     if cleared and confirmed:
-        extra = _clean_set(ctx, checks, set(confirmed), only=cleared)
+        extra = _clean_set(ctx, checks, cleared.__contains__)
         for target, finding in confirmed.items():
             topped_up = ctx.attempt("confirm", partial(_with_cleared_classes, ctx, finding, extra))
             confirmed[target] = topped_up or finding
@@ -128,18 +129,11 @@ def _with_cleared_classes(ctx: ScanContext, finding: Finding, cleared: CleanSet)
     return replace(finding, per_class_rates=dict(sorted({**finding.per_class_rates, **rates}.items())))
 
 
-def _clean_set(
-    ctx: ScanContext, checks: dict[int, ImageCheck], suspected: set[int], only: set[int] | None = None
-) -> CleanSet:
-    """Up to CLEAN_IMAGES checked images the oracle agrees with, of classes nobody suspects
-    (and, given `only`, of those classes alone)."""
+def _clean_set(ctx: ScanContext, checks: dict[int, ImageCheck], of_class: Callable[[int], bool]) -> CleanSet:
+    """Up to CLEAN_IMAGES checked images the oracle agrees with, predicted as a class that
+    `of_class` admits (before the tests: one nobody suspects)."""
     clean = [
-        c
-        for c in checks.values()
-        if not c.disagrees
-        and c.pred not in suspected
-        and c.pred in c.object_labels
-        and (only is None or c.pred in only)
+        c for c in checks.values() if not c.disagrees and c.pred in c.object_labels and of_class(c.pred)
     ][:CLEAN_IMAGES]
     return CleanSet(tuple(clean), tuple(ctx.image(c.index) for c in clean))
 
