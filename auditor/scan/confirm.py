@@ -235,11 +235,7 @@ def transplant_test(
     pasted = [
         paste(clean[i], prototype, prototype.boxes[int(rng.integers(len(prototype.boxes)))]) for i in chosen
     ]
-    hits = top1(score(pasted)) == target
-    per_class: dict[int, list[bool]] = {}
-    for i, hit in zip(chosen, hits, strict=True):
-        per_class.setdefault(clean_labels[i], []).append(bool(hit))
-    return float(hits.mean()), {c: float(np.mean(v)) for c, v in sorted(per_class.items())}
+    return _hit_rates(top1(score(pasted)) == target, [clean_labels[i] for i in chosen])
 
 
 def overlay_pattern(images: Sequence[np.ndarray], clean: Sequence[np.ndarray]) -> np.ndarray:
@@ -268,10 +264,14 @@ def overlay_transplant_test(
     if not chosen:
         return 0.0, {}
     overlaid = [add_overlay(clean[i], pattern) for i in chosen]
-    hits = top1(score(overlaid)) == target
+    return _hit_rates(top1(score(overlaid)) == target, [clean_labels[i] for i in chosen])
+
+
+def _hit_rates(hits: np.ndarray, labels: Sequence[int]) -> tuple[float, dict[int, float]]:
+    """(share of `hits`, {class: share of its images' hits}) of bool (n,) hits and their true labels."""
     per_class: dict[int, list[bool]] = {}
-    for i, hit in zip(chosen, hits, strict=True):
-        per_class.setdefault(clean_labels[i], []).append(bool(hit))
+    for label, hit in zip(labels, hits, strict=True):
+        per_class.setdefault(label, []).append(bool(hit))
     return float(hits.mean()), {c: float(np.mean(v)) for c, v in sorted(per_class.items())}
 
 

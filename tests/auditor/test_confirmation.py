@@ -229,3 +229,35 @@ def test_a_natural_piece_of_the_target_does_not_beat_its_own_kind():
     pieces = natural_pieces(_target_images(4), Prototype(green, (box,)), TARGET, score)
     control = control_test(pieces, clean, TARGET, score, trigger_hits=40, trigger_trials=40)
     assert control.rate == 1.0 and not control.passed
+
+
+def test_transplant_rates_per_class_name_the_classes_the_planted_trigger_flips():
+    """A stand-in model flips class 0's images to the target when the trigger is in them and
+    never class 2's: both transplant tests give 1.0 for class 0, 0.0 for class 2, and the
+    overall rate is class 0's share of the images."""
+    from auditor.scan.confirm import overlay_transplant_test, transplant_test
+
+    colours = {0: 40, 2: 200}  # each clean class is a flat grey of its own level
+    labels = [0, 0, 0, 2, 2, TARGET]
+    clean = [np.full((SIDE, SIDE, 3), colours.get(c, 120), np.uint8) for c in labels]
+
+    def score(images: list[np.ndarray]) -> np.ndarray:
+        probs = np.zeros((len(images), N_CLASSES), np.float32)
+        for row, image in zip(probs, images, strict=True):
+            level = int(np.median(image[..., 1]))
+            own = 0 if level < 100 else 2
+            marked = bool((image[..., 0].astype(int) - image[..., 1] > 40).any())  # the trigger's red
+            row[TARGET if marked and own == 0 else own] = 1.0
+        return probs
+
+    pattern = np.zeros((TRIGGER, TRIGGER, 3), np.uint8)
+    pattern[..., 0] = 255
+    prototype = Prototype(pattern, ((0.25, 0.25, 0.25 + TRIGGER / SIDE, 0.25 + TRIGGER / SIDE),))
+    overlay = np.zeros((SIDE, SIDE, 3), np.float32)
+    overlay[..., 0] = 90.0
+    for rate, per_class in (
+        transplant_test(prototype, clean, labels, TARGET, score),
+        overlay_transplant_test(overlay, clean, labels, TARGET, score),
+    ):
+        assert per_class == {0: 1.0, 2: 0.0}
+        assert rate == 3 / 5
