@@ -8,6 +8,8 @@ margin between the top two probabilities.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -96,13 +98,10 @@ class ZeroShotScorer:
         batch_size: int = 128,
     ) -> np.ndarray:
         """uint8 RGB images of any size -> float32 class probabilities of shape (n, C)."""
-        import torch
-        from PIL import Image
-
         out = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            pixels = torch.stack([preprocess(Image.fromarray(image)) for image in chunk]).numpy()
+            pixels = batch_pixels(chunk, preprocess)
             out.append(_softmax(self.logits(pixels)[1]))
         return np.concatenate(out) if out else np.zeros((0, self.class_weights.shape[0]), np.float32)
 
@@ -122,6 +121,105 @@ class ZeroShotScorer:
                 np.zeros((0, self.k), np.float32),
             )
         return Scores(*(np.concatenate(cols) for cols in zip(*parts, strict=True)))
+
+
+def batch_pixels(
+    images: Sequence[np.ndarray], preprocess: Callable[[Image.Image], torch.Tensor]
+) -> np.ndarray:
+    """uint8 RGB images (H, W, 3) of any size -> float32 (n, 3, S, S), exactly as `preprocess`.
+
+    Where `preprocess` ends in ToTensor + Normalize (open_clip's transforms do), only its PIL
+    steps run per image, and the conversion to normalized floats is one table lookup per channel
+    for the whole batch (`_TensorTail`), bit for bit what torchvision computes. The oracle stage
+    preprocesses every crop and ablation it scores: torchvision's per-image tensor ops there
+    took ~40 % of the scan's main thread, where the tensor threads fought the segmentation
+    thread for the cores.
+    """
+    import torch
+    from PIL import Image
+
+    tail = _TensorTail.of(preprocess)
+    pixels = tail.batch(images) if tail is not None else None
+    if pixels is None:
+        pixels = torch.stack([preprocess(Image.fromarray(image)) for image in images]).numpy()
+    return pixels
+
+
+class _TensorTail:
+    """A preprocess split in two: its PIL steps, and ToTensor + Normalize as a (3, 256) table.
+
+    torchvision computes (v / 255 - mean) / std in float32 for each 8-bit level v; the table
+    holds those 256 values per channel, computed with the same float32 operations, so a lookup
+    equals it exactly. `of` checks that on one image before a preprocess is trusted to it.
+    """
+
+    _known: weakref.WeakKeyDictionary[object, _TensorTail | None] = weakref.WeakKeyDictionary()
+
+    def __init__(
+        self,
+        pil_steps: Sequence[Callable[[Image.Image], Image.Image]],
+        mean: Sequence[float],
+        std: Sequence[float],
+    ):
+        levels = np.arange(256, dtype=np.float32) / np.float32(255)
+        mean32 = np.asarray(mean, np.float32)[:, None]
+        std32 = np.asarray(std, np.float32)[:, None]
+        self.pil_steps = pil_steps
+        self.table = ((levels[None, :] - mean32) / std32).astype(np.float32)  # (3, 256)
+
+    @classmethod
+    def of(cls, preprocess: Callable[[Image.Image], torch.Tensor]) -> _TensorTail | None:
+        """The split of `preprocess`, or None where it does not end in ToTensor + Normalize of RGB,
+        or where the split disagrees with it on a test image."""
+        try:
+            return cls._known[preprocess]
+        except (KeyError, TypeError):
+            pass
+        tail = cls._split(preprocess)
+        with contextlib.suppress(TypeError):  # not weakly referable: split again next time
+            cls._known[preprocess] = tail
+        return tail
+
+    @classmethod
+    def _split(cls, preprocess: Callable[[Image.Image], torch.Tensor]) -> _TensorTail | None:
+        import torch
+        from PIL import Image
+        from torchvision.transforms import Normalize, ToTensor
+
+        steps = list(getattr(preprocess, "transforms", ()))
+        if len(steps) < 2 or not isinstance(steps[-2], ToTensor) or not isinstance(steps[-1], Normalize):
+            return None
+        normalize = steps[-1]
+        if len(normalize.mean) != 3 or len(normalize.std) != 3:
+            return None
+        tail = cls(steps[:-2], normalize.mean, normalize.std)
+        probe = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+        fast = tail.batch([probe])
+        exact = preprocess(Image.fromarray(probe))
+        if fast is None or not isinstance(exact, torch.Tensor) or not np.array_equal(fast[0], exact.numpy()):
+            return None
+        return tail
+
+    def batch(self, images: Sequence[np.ndarray]) -> np.ndarray | None:
+        """float32 (n, 3, S, S) of uint8 RGB images, or None if a PIL step gives no 8-bit RGB
+        picture or the pictures differ in size."""
+        from PIL import Image
+
+        arrays = []
+        for image in images:
+            picture = Image.fromarray(image)
+            for step in self.pil_steps:
+                picture = step(picture)
+            if not isinstance(picture, Image.Image) or picture.mode != "RGB":
+                return None
+            arrays.append(np.asarray(picture))
+        if not arrays or any(a.shape != arrays[0].shape for a in arrays):
+            return None
+        stacked = np.stack(arrays)  # (n, S, S, 3) uint8
+        out = np.empty((len(arrays), 3, *stacked.shape[1:3]), np.float32)
+        for channel in range(3):
+            np.take(self.table[channel], stacked[..., channel], out=out[:, channel])
+        return out
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -68,6 +68,9 @@ class Oracle(Protocol):
 
     name: str
     runtime: str  # what it runs on: "scikit-image", "torch", "onnx", "tensorrt"
+    # Whether `segments` may run in several threads at once (the scan then segments ahead in
+    # parallel); an oracle that leaves it out is called from one thread.
+    thread_safe: bool
 
     def segments(self, image: np.ndarray) -> list[Segment]: ...
 

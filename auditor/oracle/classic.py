@@ -18,6 +18,7 @@ _SCALES = (100.0, 200.0, 400.0)
 class ClassicOracle:
     name = "classic"
     runtime = "scikit-image"
+    thread_safe = True  # no state between calls; felzenszwalb releases the GIL
 
     def __init__(self, scales: tuple[float, ...] = _SCALES, sigma: float = 0.8) -> None:
         self.scales = scales

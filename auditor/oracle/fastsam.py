@@ -19,6 +19,7 @@ from auditor.oracle import Segment, tidy_segments
 
 class FastSamOracle:
     name = "fastsam"
+    thread_safe = False  # one ONNX Runtime session or ultralytics predictor, one image at a time
 
     def __init__(
         self,

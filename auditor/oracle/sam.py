@@ -60,6 +60,7 @@ class SamOracle:
     """
 
     name = "sam"
+    thread_safe = False  # the predictor holds the image being segmented
 
     def __init__(
         self,

@@ -82,13 +82,31 @@ def crop_segment(image: np.ndarray, segment: Segment) -> np.ndarray:
 
 def ablate_segment(image: np.ndarray, mask: np.ndarray, ring: int = 2) -> np.ndarray:
     """The image with `mask` filled by the median colour of the ring of pixels around it."""
-    from scipy.ndimage import binary_dilation
-
-    around = binary_dilation(mask, iterations=ring) & ~mask
+    around = _ring(mask, ring)
     fill = np.median(image[around], axis=0) if around.any() else np.full(3, NEUTRAL)
     out = image.copy()
     out[mask] = fill.astype(np.uint8)
     return out
+
+
+def _ring(mask: np.ndarray, width: int) -> np.ndarray:
+    """bool (H, W): the pixels within `width` steps (4-neighbours) of `mask` and not in it.
+
+    The dilation runs on the mask's bounding box grown by `width`, not on the whole image: a
+    dilation reaches no further than that, so the ring is the same, at the cost of the box (a
+    small segment's ablation is scored for every image the oracle checks).
+    """
+    from scipy.ndimage import binary_dilation
+
+    ys, xs = np.nonzero(mask)
+    around = np.zeros_like(mask, dtype=bool)
+    if ys.size == 0:
+        return around
+    y0, x0 = max(0, int(ys.min()) - width), max(0, int(xs.min()) - width)
+    y1, x1 = int(ys.max()) + width + 1, int(xs.max()) + width + 1
+    window = mask[y0:y1, x0:x1].astype(bool)
+    around[y0:y1, x0:x1] = binary_dilation(window, iterations=width) & ~window
+    return around
 
 
 @dataclass(frozen=True)
@@ -452,22 +470,40 @@ def check_chunk_alone(ctx: ScanContext, unit: Unit) -> tuple[list[ImageCheck], l
     return found, failed, ctx.images_scored - before
 
 
-class SegmentAhead:
-    """Decodes and segments data images in one worker thread, ahead of the scoring that needs them.
+# Segmentation threads of a thread-safe oracle. Measured on a 2-core AVX2 machine, classic oracle,
+# 224-px scenes: with a tiny image tower (the engine cheap, as int8 on a VNNI CPU is) the oracle
+# stage took 26.1 s on one thread and 18.2 s on two; with ViT-B-32 in int8 (the engine the
+# bottleneck) 79.5 s and 77.7 s. Segmentation stays one chunk ahead, so it cannot crowd out the
+# engine for long.
+SEGMENT_WORKERS = 2
 
-    On a 2-core machine the classic oracle's segmentation (single-threaded scikit-image, ~80 ms
-    per 224-px image) and the engine's scoring of the previous chunk then overlap instead of
-    taking turns. Every oracle call of a scan's Algorithm 1 goes through this one worker, so an
-    oracle that is not thread-safe (SAM's predictor holds the current image) is never entered
-    twice at once. A failure (an undecodable image, an oracle error) is raised where the
-    result is asked for, image by image, as before.
+
+def segment_workers() -> int:
+    """SEGMENT_WORKERS, or fewer where the process was given fewer threads (OMP_NUM_THREADS)."""
+    from engines.runners import omp_threads
+
+    return max(1, min(SEGMENT_WORKERS, omp_threads() or SEGMENT_WORKERS))
+
+
+class SegmentAhead:
+    """Decodes and segments data images in worker threads, ahead of the scoring that needs them.
+
+    On a 2-core machine the classic oracle's segmentation (single-threaded scikit-image, 80-220
+    ms per 224-px image) and the engine's scoring of the previous chunk then overlap instead of
+    taking turns. A thread-safe oracle (`Oracle.thread_safe`: the classic one, whose
+    felzenszwalb releases the GIL) gets `segment_workers()` threads, because with a fast engine
+    segmentation is what the scan waits for. Any other oracle goes through one worker, so that
+    it is never entered twice at once (SAM's predictor holds the current image). A failure (an
+    undecodable image, an oracle error) is raised where the result is asked for, image by
+    image, as before.
     """
 
     def __init__(self, ctx: ScanContext) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.ctx = ctx
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="segment-ahead")
+        workers = segment_workers() if getattr(ctx.oracle, "thread_safe", False) else 1
+        self.worker = ThreadPoolExecutor(workers, thread_name_prefix="segment-ahead")
         self.pending: dict[int, Future[tuple[np.ndarray, list[Segment]]]] = {}
 
     def request(self, indices: list[int]) -> None:

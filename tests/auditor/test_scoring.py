@@ -44,3 +44,31 @@ def test_scores_match_direct_open_clip(random_checkpoint, tiny_arch, test_data):
     assert np.allclose(
         scores.margin, np.sort(probs, axis=1)[:, -1] - np.sort(probs, axis=1)[:, -2], atol=1e-5
     )
+
+
+def test_batched_pixels_are_bit_for_bit_what_the_models_preprocess_gives(random_checkpoint, tiny_arch):
+    """Any image size (resized and centre-cropped by the PIL steps), then the table lookup that
+    stands for ToTensor + Normalize: equal to torchvision's own float32 arithmetic, exactly."""
+    from PIL import Image
+
+    from auditor.scoring import batch_pixels
+
+    loaded = load_model(random_checkpoint, tiny_arch)
+    rng = np.random.default_rng(3)
+    images = [
+        rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(64, 64, 3), (90, 41, 3), (7, 300, 3)]
+    ]
+    expected = torch.stack([loaded.preprocess(Image.fromarray(image)) for image in images]).numpy()
+    assert np.array_equal(batch_pixels(images, loaded.preprocess), expected)
+
+
+def test_a_preprocess_without_the_tensor_tail_is_run_as_it_is():
+    """A transform that does not end in ToTensor + Normalize (here: its own scaling) is called
+    per image, unchanged."""
+    from auditor.scoring import batch_pixels
+
+    def preprocess(picture):
+        return torch.from_numpy(np.asarray(picture, np.float32).transpose(2, 0, 1) / 100.0)
+
+    image = np.random.default_rng(4).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    assert np.array_equal(batch_pixels([image], preprocess)[0], image.transpose(2, 0, 1) / np.float32(100.0))

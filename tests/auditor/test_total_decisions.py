@@ -142,6 +142,17 @@ def test_crops_and_ablations_are_images(image, data):
     assert (ablated[~segment.mask] == image[~segment.mask]).all()
 
 
+@given(arrays(bool, st.tuples(st.integers(1, 20), st.integers(1, 20))), st.integers(1, 3))
+@SETTINGS
+def test_the_ablation_ring_is_the_whole_image_dilation_less_the_mask(mask, width):
+    """The ring is dilated on the mask's box only; it must equal the dilation of the whole image."""
+    from scipy.ndimage import binary_dilation
+
+    from auditor.scan.check import _ring
+
+    assert (_ring(mask, width) == (binary_dilation(mask, iterations=width) & ~mask)).all()
+
+
 class _FixedOracle:
     name = "fixed"
     runtime = "test"
