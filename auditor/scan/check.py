@@ -125,10 +125,25 @@ def denoise(image: np.ndarray) -> np.ndarray:
 
     Object crops are taken from this view so that S(x) describes objects rather than textures:
     a blended trigger (noise mixed into every pixel) would otherwise ride along into every crop.
-    """
-    from scipy.ndimage import median_filter
 
-    return np.asarray(median_filter(image, size=(3, 3, 1)), dtype=np.uint8)
+    Computed as scipy's `median_filter(image, size=(3, 3, 1))` (its "reflect" border: the edge
+    pixel repeated) would, exactly, but by a median-of-9 sorting network of element-wise min /
+    max over the 9 shifted views: ~1 ms for a 224-px image against scipy's ~50 ms.
+    """
+    padded = np.pad(np.asarray(image, np.uint8), ((1, 1), (1, 1), (0, 0)), mode="symmetric")
+    height, width = image.shape[:2]
+    views = [padded[dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)]
+    for a, b in _MEDIAN_OF_9:
+        views[a], views[b] = np.minimum(views[a], views[b]), np.maximum(views[a], views[b])
+    return np.ascontiguousarray(views[4])
+
+
+# The 19 compare-exchanges after which position 4 holds the median of 9 values (the classic
+# network in Paeth's "Median finding on a 3x3 grid", Graphics Gems, 1990).
+_MEDIAN_OF_9 = (
+    (1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3),
+    (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2),
+)  # fmt: skip
 
 
 def _views(index: int, image: np.ndarray, probs: np.ndarray, segments: list[Segment]) -> _Views:

@@ -153,6 +153,16 @@ def test_the_ablation_ring_is_the_whole_image_dilation_less_the_mask(mask, width
     assert (_ring(mask, width) == (binary_dilation(mask, iterations=width) & ~mask)).all()
 
 
+@given(images())
+@SETTINGS
+def test_the_denoiser_is_scipys_3x3_median_exactly(image):
+    from scipy.ndimage import median_filter
+
+    from auditor.scan.check import denoise
+
+    assert (denoise(image) == median_filter(image, size=(3, 3, 1))).all()
+
+
 class _FixedOracle:
     name = "fixed"
     runtime = "test"
