@@ -138,8 +138,8 @@ def denoise(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(views[4])
 
 
-# The 19 compare-exchanges after which position 4 holds the median of 9 values (the classic
-# network in Paeth's "Median finding on a 3x3 grid", Graphics Gems, 1990).
+# 19 compare-exchanges after which position 4 holds the median of the 9 values (a classic
+# median-of-9 network; `test_the_denoiser_is_scipys_3x3_median_exactly` checks it).
 _MEDIAN_OF_9 = (
     (1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3),
     (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2),
