@@ -14,6 +14,10 @@ left out), and by its findings: verdict, severity, target and victim labels, vic
 Then `clip-audit bench` times the image tower (torch and onnx-int8, batch 32) in the same run,
 for issue 14's two bars: PyTorch's wall time / the default's >= 0.8 x the tower's int8 speedup,
 and the default's wall time <= 1.5 x images_scored / (the tower's images/s) + 10 s.
+
+Cost: ~15 min on a CPU with AVX-512 VNNI (ViT-B-32 at ~25 images/s in PyTorch); on a 2-core
+AVX2 machine where it runs at ~4.6 images/s, well over an hour: use `--per-class 6 --runs 1`
+there to see the ratios first.
 """
 
 from __future__ import annotations
