@@ -432,10 +432,9 @@ def predictor(loaded: LoadedModel, classes: Sequence[str]) -> Iterator[Callable[
 
 def preprocess_images(loaded: LoadedModel, images: Sequence[np.ndarray]) -> np.ndarray:
     """uint8 RGB images (H, W, 3) -> the model's input pixels, float32 (n, 3, S, S)."""
-    import torch
-    from PIL import Image
+    from auditor.scoring import batch_pixels
 
-    return torch.stack([loaded.preprocess(Image.fromarray(x)) for x in images]).numpy()
+    return batch_pixels(images, loaded.preprocess)
 
 
 def measure(loaded: LoadedModel, classes: Sequence[str], holdout: HoldOut, target: int) -> Measurement:
