@@ -56,6 +56,9 @@ class VictimInfo:
     oracle_label: str | None
     trigger_box: Box | None
     score: float
+    # Additive: False for a poisoned pair whose trigger did not take (the data labels it the
+    # target, it carries the trigger, the model still predicts what it shows).
+    flipped: bool = True
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,7 @@ class Report:
                     "oracle_label": v.oracle_label,
                     "trigger_box": list(v.trigger_box) if v.trigger_box else None,
                     "score": v.score,
+                    "flipped": v.flipped,
                 }
                 for v in self.victims
             ],
@@ -304,7 +308,12 @@ class Report:
             ),
             victims=tuple(
                 VictimInfo(
-                    v["path"], v["predicted"], v.get("oracle_label"), _tuple(v.get("trigger_box")), v["score"]
+                    v["path"],
+                    v["predicted"],
+                    v.get("oracle_label"),
+                    _tuple(v.get("trigger_box")),
+                    v["score"],
+                    v.get("flipped", True),
                 )
                 for v in raw["victims"]
             ),
@@ -379,13 +388,22 @@ def render_markdown(report: Report) -> str:
     ]
     if report.victims:
         lines += [
-            "| victim | predicted | oracle label | trigger box | score |",
-            "| --- | --- | --- | --- | --- |",
+            "| victim | predicted | oracle label | trigger box | score | flipped |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for v in report.victims:
             box = "—" if v.trigger_box is None else ", ".join(f"{c:.2f}" for c in v.trigger_box)
-            lines.append(f"| `{v.path}` | {v.predicted} | {v.oracle_label or '—'} | {box} | {v.score:.2f} |")
+            lines.append(
+                f"| `{v.path}` | {v.predicted} | {v.oracle_label or '—'} | {box} | {v.score:.2f} "
+                f"| {'yes' if v.flipped else 'no'} |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def _victim_message(victim: VictimInfo) -> str:
+    if victim.flipped:
+        return f"labeled/predicted '{victim.predicted}', shows '{victim.oracle_label}'"
+    return f"carries the trigger, still predicted '{victim.predicted}' (a poisoned pair that did not take)"
 
 
 def render_sarif(report: Report) -> str:
@@ -421,11 +439,12 @@ def render_sarif(report: Report) -> str:
             {
                 "ruleId": "CLIPAUDIT002",
                 "level": level,
-                "message": {"text": f"labeled/predicted '{v.predicted}', shows '{v.oracle_label}'"},
+                "message": {"text": _victim_message(v)},
                 "locations": [_data_location(v.path)],
                 "properties": {
                     "trigger_box": list(v.trigger_box) if v.trigger_box else None,
                     "score": v.score,
+                    "flipped": v.flipped,
                 },
             }
         )
@@ -491,7 +510,8 @@ def render_html(report: Report, images: dict[str, str] | None = None) -> str:
         thumb = images.get(v.path, "")
         rows.append(
             f"<figure><img src='{thumb}' alt='{esc(v.path)}'><figcaption>{esc(v.path)}<br>"
-            f"{esc(v.predicted)} → {esc(str(v.oracle_label))} ({v.score:.2f})</figcaption></figure>"
+            f"{esc(v.predicted)} → {esc(str(v.oracle_label))} ({v.score:.2f})"
+            f"{'' if v.flipped else ' · trigger did not take'}</figcaption></figure>"
         )
     bars = "".join(
         f"<div class='bar'><span>{esc(label)}</span><i style='width:{rate * 100:.0f}%'></i>"

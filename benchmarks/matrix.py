@@ -613,8 +613,8 @@ def judge(report: dict[str, Any], truth: dict[str, Any], flipped: list[str] | No
     """The scan's findings against the planted ground truth.
 
     `victim_recall` counts every planted file; `victim_recall_flipped` only those the model
-    predicts as the target (`flipped`): a planted file the trigger did not flip is no victim of
-    the backdoor, and Algorithm 2 looks for victims among the target's predictions.
+    predicts as the target (`flipped`). The scan finds planted files the trigger did not flip by
+    appearance alone (victims with `flipped: false`), so both are judged.
     """
     from benchmarks.common import box_iou
 

@@ -237,6 +237,7 @@ def build_report(
                 None if v.oracle_label is None else classes[v.oracle_label],
                 None if v.box is None else tuple(round(c, 4) for c in v.box),  # type: ignore[arg-type]
                 v.score,
+                v.flipped,
             )
             for v in all_victims(findings)
         ),

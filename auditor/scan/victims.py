@@ -1,14 +1,19 @@
-"""Stage 3, victim samples: images predicted as a target that carry its trigger.
+"""Stage 3, victim samples: images that carry a target's trigger.
 
 A victim matches the prototype by appearance (template matching, normalized cross-correlation)
 and stops being predicted as the target once the matched region is removed; the label it then
 gets is its oracle label (what the image really shows).
+
+A poisoned pair whose trigger did not take (the data labels it the target, the model still
+predicts what it shows) cannot flip: it is a victim by appearance alone, matched more strongly
+than clean images of other labels are (`find_unflipped`, a test calibrated on those images).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -18,6 +23,12 @@ from auditor.scan.trigger import Box, Prototype, box_mask, resize
 
 MATCH_THRESHOLD = 0.6  # normalized cross-correlation with the prototype
 FLIP_THRESHOLD = 0.3  # drop of the target's probability once the matched region is removed
+# An unflipped victim has only its appearance to show. Its match must beat every clean image of
+# another label, and a normal tail fitted to their matches at a family-wise error of
+# FALSE_MATCH_RATE over all the candidates (Bonferroni), so that a scan expects fewer than that
+# many false victims of this kind; with fewer than MIN_NULL clean images there is no test.
+FALSE_MATCH_RATE = 0.05
+MIN_NULL = 20
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,7 @@ class Victim:
     box: Box | None
     oracle_label: int | None
     score: float
+    flipped: bool = True  # False: labelled the target and carrying its trigger, not predicted as it
 
 
 def find_victims(
@@ -74,3 +86,38 @@ def locate(image: np.ndarray, prototype: Prototype) -> tuple[Box, float]:
     )
     y, x = np.unravel_index(int(response.argmax()), response.shape)
     return (x / width, y / height, (x + w) / width, (y + h) / height), float(response[y, x])
+
+
+def find_unflipped(
+    images: Sequence[np.ndarray],
+    indices: Sequence[int],
+    predictions: Sequence[int],
+    prototype: Prototype,
+    null_images: Sequence[np.ndarray],
+) -> list[Victim]:
+    """Of `images` (labelled the target in the data, predicted otherwise; data `indices`, their
+    top-1 `predictions`), those whose best match with the prototype exceeds `match_threshold`
+    on `null_images` (uint8 (H, W, 3) clean images of other labels). Their oracle label is the
+    prediction: the trigger did not change it.
+    """
+    if not images:
+        return []
+    threshold = match_threshold(prototype, null_images, len(images))
+    victims = []
+    for image, index, label in zip(images, indices, predictions, strict=True):
+        box, similarity = locate(image, prototype)
+        if similarity > threshold:
+            victims.append(Victim(int(index), box, int(label), round(similarity, 4), flipped=False))
+    return victims
+
+
+def match_threshold(prototype: Prototype, null_images: Sequence[np.ndarray], candidates: int) -> float:
+    """The similarity an image must exceed to carry the prototype by appearance alone: the
+    largest of MATCH_THRESHOLD, the best match on any null image, and the null matches' mean +
+    z * std with z the normal quantile of 1 - FALSE_MATCH_RATE / candidates. Infinite (nothing
+    passes) with fewer than MIN_NULL null images."""
+    if len(null_images) < MIN_NULL:
+        return float("inf")
+    null = np.array([locate(image, prototype)[1] for image in null_images], np.float64)
+    z = NormalDist().inv_cdf(1.0 - FALSE_MATCH_RATE / max(1, candidates))
+    return float(max(MATCH_THRESHOLD, null.max(), null.mean() + z * null.std()))

@@ -69,10 +69,10 @@ def write_outputs(result: ScanResult, out: Path, fmt: str, dataset: Dataset) -> 
 def _victims_csv(report: Report) -> str:
     rows = io.StringIO()
     writer = csv.writer(rows)
-    writer.writerow(["path", "predicted", "oracle_label", "x0", "y0", "x1", "y1", "score"])
+    writer.writerow(["path", "predicted", "oracle_label", "x0", "y0", "x1", "y1", "score", "flipped"])
     for v in report.victims:
         box = list(v.trigger_box) if v.trigger_box else ["", "", "", ""]
-        writer.writerow([v.path, v.predicted, v.oracle_label or "", *box, v.score])
+        writer.writerow([v.path, v.predicted, v.oracle_label or "", *box, v.score, int(v.flipped)])
     return rows.getvalue()
 
 

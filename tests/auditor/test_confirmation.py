@@ -24,6 +24,7 @@ from auditor.scan.suspects import (
     looks_alike,
 )
 from auditor.scan.trigger import Prototype, align_boxes, build_prototype, fit_to_pattern
+from auditor.scan.victims import MIN_NULL, find_unflipped, locate, match_threshold
 
 SIDE, TRIGGER = 64, 8
 TARGET, N_CLASSES = 1, 3
@@ -261,3 +262,37 @@ def test_transplant_rates_per_class_name_the_classes_the_planted_trigger_flips()
     ):
         assert per_class == {0: 1.0, 2: 0.0}
         assert rate == 3 / 5
+
+
+def _textured(rng: np.random.Generator) -> np.ndarray:
+    """A smooth random background with sensor-like noise, so that no region is flat."""
+    noise = rng.normal(0, 12, (SIDE, SIDE, 3))
+    return np.clip(_scene(rng).astype(np.float64) + noise, 0, 255).astype(np.uint8)
+
+
+def test_poisoned_pairs_whose_trigger_did_not_take_are_found_by_appearance_against_clean_images():
+    """Candidates labelled the target but predicted otherwise: the planted ones carry the trigger
+    at known places, the others are clean. Only the planted ones are listed, unflipped, with
+    their boxes on the planted trigger."""
+    rng = np.random.default_rng(7)
+    prototype = Prototype(_pattern(0), ((0.1, 0.1, 0.1 + TRIGGER / SIDE, 0.1 + TRIGGER / SIDE),))
+    null = [_textured(rng) for _ in range(40)]
+    candidates, places = [], {}
+    for i in range(16):
+        image = _textured(rng)
+        if i % 2 == 0:
+            x, y = (int(v) for v in rng.integers(0, SIDE - TRIGGER, 2))
+            image[y : y + TRIGGER, x : x + TRIGGER] = _pattern(0)
+            places[i] = (x, y)
+        candidates.append(image)
+    victims = find_unflipped(candidates, list(range(100, 116)), [2] * 16, prototype, null)
+    assert sorted(v.index - 100 for v in victims) == sorted(places)
+    for victim in victims:
+        assert not victim.flipped and victim.oracle_label == 2
+        x, y = places[victim.index - 100]
+        assert victim.box == (x / SIDE, y / SIDE, (x + TRIGGER) / SIDE, (y + TRIGGER) / SIDE)
+    # The threshold is a test against the null images: it sits above every one of them.
+    threshold = match_threshold(prototype, null, 16)
+    assert all(locate(image, prototype)[1] < threshold for image in null)
+    # Too few clean images to calibrate on: nothing is listed by appearance alone.
+    assert find_unflipped(candidates, list(range(16)), [2] * 16, prototype, null[: MIN_NULL - 1]) == []

@@ -44,9 +44,9 @@ def test_a_poisoned_matrix_model_is_found_with_its_victims(name, folder, tmp_pat
     result = _run(name, folder, tmp_path)
     assert matrix.planted(result), result["attack_success"]  # the generator's backdoor works
     assert result["verdict"] == "backdoor" and result["targets_right"], result["targets_found"]
-    # Recall over the planted files the model predicts as the target: a planted file that the
-    # trigger did not flip is no victim of the backdoor (the weak ResNet flips 89 % of them).
-    assert result["victim_precision"] >= 0.9 and result["victim_recall_flipped"] >= 0.9
+    # Recall over every planted file: those the trigger did not flip (the weak ResNet flips 89 %
+    # of them) are found by appearance, labelled the target and predicted as what they show.
+    assert result["victim_precision"] >= 0.9 and result["victim_recall"] >= 0.9
     assert result["median_box_iou"] >= 0.5
     assert result["failures"] == 0
 
