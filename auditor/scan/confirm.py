@@ -20,7 +20,7 @@ from auditor.scan.context import ScanContext, ScoreFn, top1
 from auditor.scan.control import CONTROL_IMAGES, Control, compare, control_test, natural_pieces
 from auditor.scan.suspects import CandidateCluster
 from auditor.scan.trigger import Prototype, align_boxes, build_prototype, fit_to_pattern, paste
-from auditor.scan.victims import Victim, find_unflipped, find_victims
+from auditor.scan.victims import Victim, find_by_appearance, find_victims
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def confirm_patch(
         prototype, list(clean.images), clean.labels, target, ctx.score_exact, ctx.config.seed
     )
     others = [image for image, label in zip(clean.images, clean.labels, strict=True) if label != target]
-    victims += _unflipped_victims(ctx, target, prototype, clean)
+    victims += _victims_by_appearance(ctx, target, prototype, clean, {v.index for v in victims})
     pieces = natural_pieces(
         _natural_images(predicted_images, predicted, target_probs, victims, natural),
         prototype,
@@ -115,12 +115,14 @@ def _predicted_in_fp32(ctx: ScanContext, target: int) -> tuple[list[int], list[n
     return [indices[i] for i in keep], [images[i] for i in keep], probs[keep, target]
 
 
-def _unflipped_victims(ctx: ScanContext, target: int, prototype: Prototype, clean: CleanSet) -> list[Victim]:
-    """Images the data labels `target` that stage 0 predicted as another label, in fp32 too, and
-    that carry the prototype by appearance: poisoned pairs whose trigger did not take.
-    Unlabelled data has none.
+def _victims_by_appearance(
+    ctx: ScanContext, target: int, prototype: Prototype, clean: CleanSet, found: set[int]
+) -> list[Victim]:
+    """Images the data labels `target`, not in `found`, that carry the prototype by appearance:
+    poisoned pairs whose trigger did not take (predicted in fp32 as another label) or whose
+    blanked trigger left the prediction where it was. Unlabelled data has none.
 
-    `find_unflipped` calibrates on the clean set's images of other labels, predicted and
+    `find_by_appearance` calibrates on the clean set's images of other labels, predicted and
     claimed: an unflipped pair is predicted as what it shows and the oracle agrees, so the
     clean set holds the very images sought (all matching at NCC 1.0 on a tuning row)."""
     name = ctx.dataset.classes[target]
@@ -129,16 +131,13 @@ def _unflipped_victims(ctx: ScanContext, target: int, prototype: Prototype, clea
         for check, image in zip(clean.checks, clean.images, strict=True)
         if check.pred != target and ctx.dataset.samples[check.index].label != name
     ]
-    indices = [
-        i
-        for i, sample in enumerate(ctx.dataset.samples)
-        if sample.label == name and ctx.predictions.get(i, target) != target
-    ]
+    indices = [i for i, sample in enumerate(ctx.dataset.samples) if sample.label == name and i not in found]
+    indices = [i for i in indices if i in ctx.predictions]  # scored by stage 0 (not unreadable)
     images = [ctx.image(i) for i in indices]
     labels = top1(ctx.score_exact(images)) if images else np.zeros(0, np.int64)
-    keep = [i for i, label in enumerate(labels) if label not in (target, -1)]
+    keep = [i for i, label in enumerate(labels) if label != -1]
     images, indices = [images[i] for i in keep], [indices[i] for i in keep]
-    return find_unflipped(images, indices, [int(labels[i]) for i in keep], prototype, null)
+    return find_by_appearance(images, indices, [int(labels[i]) for i in keep], target, prototype, null)
 
 
 def natural_targets(checks: Sequence[ImageCheck], target: int) -> list[int]:

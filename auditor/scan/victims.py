@@ -4,9 +4,11 @@ A victim matches the prototype by appearance (template matching, normalized cros
 and stops being predicted as the target once the matched region is removed; the label it then
 gets is its oracle label (what the image really shows).
 
-A poisoned pair whose trigger did not take (the data labels it the target, the model still
-predicts what it shows) cannot flip: it is a victim by appearance alone, matched more strongly
-than clean images of other labels are (`find_unflipped`, a test calibrated on those images).
+A poisoned pair is labelled the target and carries the trigger. Where the trigger did not take
+(the model still predicts what the image shows), or where blanking it does not undo the
+prediction (a weak model), nothing flips: such an image is a victim by appearance alone,
+matched more strongly than clean images of other labels are (`find_by_appearance`, a test
+calibrated on those images).
 """
 
 from __future__ import annotations
@@ -88,17 +90,20 @@ def locate(image: np.ndarray, prototype: Prototype) -> tuple[Box, float]:
     return (x / width, y / height, (x + w) / width, (y + h) / height), float(response[y, x])
 
 
-def find_unflipped(
+def find_by_appearance(
     images: Sequence[np.ndarray],
     indices: Sequence[int],
     predictions: Sequence[int],
+    target: int,
     prototype: Prototype,
     null_images: Sequence[np.ndarray],
 ) -> list[Victim]:
-    """Of `images` (labelled the target in the data, predicted otherwise; data `indices`, their
-    top-1 `predictions`), those whose best match with the prototype exceeds `match_threshold`
-    on `null_images` (uint8 (H, W, 3) clean images of other labels). Their oracle label is the
-    prediction: the trigger did not change it.
+    """Of `images` (labelled the target in the data, not found by `find_victims`; data `indices`,
+    their top-1 `predictions`), those whose best match with the prototype exceeds
+    `match_threshold` on `null_images` (uint8 (H, W, 3) clean images of other labels).
+
+    One predicted as another label is unflipped, and that label is its oracle label (the trigger
+    did not change it); one predicted as the target has no known oracle label.
     """
     if not images:
         return []
@@ -107,7 +112,9 @@ def find_unflipped(
     for image, index, label in zip(images, indices, predictions, strict=True):
         box, similarity = locate(image, prototype)
         if similarity > threshold:
-            victims.append(Victim(int(index), box, int(label), round(similarity, 4), flipped=False))
+            flipped = label == target
+            oracle = None if flipped else int(label)
+            victims.append(Victim(int(index), box, oracle, round(similarity, 4), flipped=flipped))
     return victims
 
 

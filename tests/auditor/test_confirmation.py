@@ -24,7 +24,7 @@ from auditor.scan.suspects import (
     looks_alike,
 )
 from auditor.scan.trigger import Prototype, align_boxes, build_prototype, fit_to_pattern
-from auditor.scan.victims import MIN_NULL, find_unflipped, locate, match_threshold
+from auditor.scan.victims import MIN_NULL, find_by_appearance, locate, match_threshold
 
 SIDE, TRIGGER = 64, 8
 TARGET, N_CLASSES = 1, 3
@@ -271,9 +271,10 @@ def _textured(rng: np.random.Generator) -> np.ndarray:
 
 
 def test_poisoned_pairs_whose_trigger_did_not_take_are_found_by_appearance_against_clean_images():
-    """Candidates labelled the target but predicted otherwise: the planted ones carry the trigger
-    at known places, the others are clean. Only the planted ones are listed, unflipped, with
-    their boxes on the planted trigger."""
+    """Candidates labelled the target and not found by flipping: the planted ones carry the
+    trigger at known places, the others are clean. Only the planted ones are listed, with their
+    boxes on the planted trigger: unflipped where the model predicts another label (that label
+    is their oracle label), flipped without an oracle label where it predicts the target."""
     rng = np.random.default_rng(7)
     prototype = Prototype(_pattern(0), ((0.1, 0.1, 0.1 + TRIGGER / SIDE, 0.1 + TRIGGER / SIDE),))
     null = [_textured(rng) for _ in range(40)]
@@ -285,14 +286,18 @@ def test_poisoned_pairs_whose_trigger_did_not_take_are_found_by_appearance_again
             image[y : y + TRIGGER, x : x + TRIGGER] = _pattern(0)
             places[i] = (x, y)
         candidates.append(image)
-    victims = find_unflipped(candidates, list(range(100, 116)), [2] * 16, prototype, null)
+    predictions = [TARGET if i % 4 == 0 else 2 for i in range(16)]
+    victims = find_by_appearance(candidates, list(range(100, 116)), predictions, TARGET, prototype, null)
     assert sorted(v.index - 100 for v in victims) == sorted(places)
     for victim in victims:
-        assert not victim.flipped and victim.oracle_label == 2
-        x, y = places[victim.index - 100]
+        i = victim.index - 100
+        assert victim.flipped == (i % 4 == 0)
+        assert victim.oracle_label == (None if victim.flipped else 2)
+        x, y = places[i]
         assert victim.box == (x / SIDE, y / SIDE, (x + TRIGGER) / SIDE, (y + TRIGGER) / SIDE)
     # The threshold is a test against the null images: it sits above every one of them.
     threshold = match_threshold(prototype, null, 16)
     assert all(locate(image, prototype)[1] < threshold for image in null)
     # Too few clean images to calibrate on: nothing is listed by appearance alone.
-    assert find_unflipped(candidates, list(range(16)), [2] * 16, prototype, null[: MIN_NULL - 1]) == []
+    few = null[: MIN_NULL - 1]
+    assert find_by_appearance(candidates, list(range(16)), predictions, TARGET, prototype, few) == []
