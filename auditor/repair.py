@@ -3,8 +3,9 @@
 Inputs are what `scan --out DIR` wrote: report.json, compact/ (images + pairs.csv) and
 trigger.png. The fine-tune is one loop (`fine_tune`) in PyTorch: CLIP's contrastive loss on
 the compact pairs, optionally CleanCLIP's in-modal term, AdamW with warm-up and cosine decay.
-While it trains, the recovered trigger is pasted into clean pairs at the places the scan saw it
-(their captions unchanged), so the model keeps being shown that the trigger means nothing.
+While it trains, the recovered trigger is put into clean pairs (a patch at the places the scan
+saw it, a non-localized overlay added, an inverted stamp blended in; their captions unchanged),
+so the model keeps being shown that the trigger means nothing.
 An anchor pulls each trigger-free image's embedding towards the original model's; besides the
 compact pairs it runs on a batch per step of other data images (`anchor_pool`), which is what
 holds clean accuracy on the images the fine-tune never sees.
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
 TOWERS = ("image", "text", "both")
 Progress = Callable[[int, int], None]
 """progress(steps done so far, step budget)."""
+Planter = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+"""uint8 RGB image -> (the image carrying a recovered trigger, the same image without it)."""
 
 
 @dataclass(frozen=True)
@@ -501,7 +504,7 @@ def fine_tune(
     pairs: TrainingPairs,
     config: RepairConfig,
     should_stop: Callable[[int], bool],
-    triggers: Sequence[Prototype] = (),
+    planters: Sequence[Planter] = (),
     progress: Progress | None = None,
     pool: Sequence[np.ndarray] = (),
 ) -> int:
@@ -543,7 +546,7 @@ def fine_tune(
 
         model.train()
         _freeze_batch_norm(model)
-        pixels, blanked = _batch_pixels(loaded, pairs, batch, triggers, config.trigger_augment, rng)
+        pixels, blanked = _batch_pixels(loaded, pairs, batch, planters, config.trigger_augment, rng)
         image_emb = F.normalize(model.encode_image(pixels), dim=-1)  # type: ignore[operator]
         text_emb = F.normalize(model.encode_text(tokens[batch]), dim=-1)  # type: ignore[operator]
         scale = model.logit_scale.exp()  # type: ignore[operator]
@@ -556,7 +559,7 @@ def fine_tune(
             loss = loss + config.anchor * _anchor_loss(original, image_emb[keep], blanked[keep])
         if original is not None and len(unlabeled.images):
             picked = [int(i) for i in rng.choice(len(unlabeled.images), config.batch_size)]
-            shown, blank = _batch_pixels(loaded, unlabeled, picked, triggers, config.trigger_augment, rng)
+            shown, blank = _batch_pixels(loaded, unlabeled, picked, planters, config.trigger_augment, rng)
             shown_emb = F.normalize(model.encode_image(shown), dim=-1)  # type: ignore[operator]
             loss = loss + config.anchor * _anchor_loss(original, shown_emb, blank)
         if config.in_modal > 0:
@@ -647,26 +650,46 @@ def _batch_pixels(
     loaded: LoadedModel,
     pairs: TrainingPairs,
     batch: list[int],
-    triggers: Sequence[Prototype],
+    planters: Sequence[Planter],
     chance: float,
     rng: np.random.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's pixels, float32 (B, 3, S, S), some clean images with one of the triggers
-    pasted in; and the same images with that region blanked instead (the anchor's input)."""
+    """The batch's pixels, float32 (B, 3, S, S), some clean images carrying one of the recovered
+    triggers; and the same images without it (the anchor's input)."""
     import torch
     from PIL import Image
 
     shown, blanked = [], []
     for i in batch:
         image = blank = pairs.images[i]
-        if triggers and pairs.augmentable[i] and rng.random() < chance:
-            trigger = triggers[int(rng.integers(len(triggers)))]
-            box = trigger.boxes[int(rng.integers(len(trigger.boxes)))]
-            image = paste(image, trigger, box)
-            blank = ablate_segment(blank, box_mask(blank, box))
+        if planters and pairs.augmentable[i] and rng.random() < chance:
+            image, blank = planters[int(rng.integers(len(planters)))](image, rng)
         shown.append(loaded.preprocess(Image.fromarray(image)))
         blanked.append(loaded.preprocess(Image.fromarray(blank)))
     return torch.stack(shown), torch.stack(blanked)
+
+
+def trigger_planter(aim: RepairTarget) -> Planter | None:
+    """How the fine-tune shows `aim`'s recovered trigger on a clean image, and what the image
+    is without it: a patch pasted at a box it was seen at (without it: that box blanked, as the
+    scan ablates), a non-localized overlay added (without: the image; an image of another size
+    is left as it is), or an inverted stamp blended in (without: the image). None: no trigger."""
+    if aim.trigger is not None:
+        patch = aim.trigger
+
+        def plant_patch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+            box = patch.boxes[int(rng.integers(len(patch.boxes)))]
+            return paste(image, patch, box), ablate_segment(image, box_mask(image, box))
+
+        return plant_patch
+    if aim.overlay is not None:
+        overlay = aim.overlay
+        fits = overlay.shape
+        return lambda image, _: (add_overlay(image, overlay) if image.shape == fits else image, image)
+    if aim.stamp is not None:
+        stamp = aim.stamp
+        return lambda image, _: (stamp_image(image, stamp), image)
+    return None
 
 
 def _augment(pixels: torch.Tensor) -> torch.Tensor:
@@ -738,12 +761,12 @@ def repair(
         rank = (not gone, left, not kept, -now.clean_accuracy)
         if step > 0 and ("rank" not in best or rank < best["rank"]):
             best.update(rank=rank, step=step, state=copy.deepcopy(loaded.model.state_dict()), measured=now)
-        # Without a recovered trigger (non-localized) there is nothing to stop on: the budget runs.
+        # Without a recovered trigger there is nothing to stop on: the budget runs.
         return step > 0 and kept and gone
 
     pairs = TrainingPairs.from_compact(outputs.compact)
-    patches = [aim.trigger for aim in outputs.targets() if aim.trigger is not None]
-    steps = fine_tune(loaded, pairs, config, should_stop, patches, progress, tuple(pool.values()))
+    planters = [p for p in map(trigger_planter, outputs.targets()) if p is not None]
+    steps = fine_tune(loaded, pairs, config, should_stop, planters, progress, tuple(pool.values()))
     after = history[-1][1]
     if steps < config.steps:
         stopped = f"trigger gone after {steps} steps"

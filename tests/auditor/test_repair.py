@@ -195,3 +195,34 @@ def test_non_localized_repair_measures_and_stops_on_the_overlay(tmp_path, test_s
     after = _eval(capsys, fixed, test_scenes, spec)
     assert after["attack_success_rate"] <= before["attack_success_rate"] - 0.3
     assert after["clean_accuracy"] >= before["clean_accuracy"] - 0.02
+
+
+def test_every_kind_of_recovered_trigger_is_shown_to_the_fine_tune_with_its_trigger_free_twin():
+    """The fine-tune's augmentation plants each kind of recovered trigger (it used to plant patches
+    only, so a non-localized or inverted trigger was never shown): the patch at a box it was seen
+    at, with that box blanked as the twin; an overlay added, or a stamp blended, with the image
+    itself as the twin."""
+    from auditor.repair import RepairTarget, trigger_planter
+    from auditor.scan.trigger import Prototype
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    pattern = np.full((4, 4, 3), 255, np.uint8)
+    patch = trigger_planter(RepairTarget("banana", Prototype(pattern, ((0.5, 0.25, 0.625, 0.375),))))
+    shown, twin = patch(image, rng)  # type: ignore[misc]
+    assert (shown[8:12, 16:20] == 255).all() and (shown[:8] == image[:8]).all()
+    changed = np.argwhere((twin != image).any(axis=2))
+    assert len(changed) and (changed.min(axis=0) >= (8, 16)).all() and (changed.max(axis=0) <= (11, 19)).all()
+
+    overlay = np.full((32, 32, 3), 20.0, np.float32)
+    shown, twin = trigger_planter(RepairTarget("banana", None, overlay))(image, rng)  # type: ignore[misc]
+    assert (shown.astype(int) - image == np.minimum(20, 255 - image.astype(int))).all() and twin is image
+    other_size = image[:16]
+    shown, twin = trigger_planter(RepairTarget("banana", None, overlay))(other_size, rng)  # type: ignore[misc]
+    assert shown is other_size and twin is other_size
+
+    stamp = np.zeros((8, 8, 4), np.uint8)
+    stamp[:2, :2] = (0, 0, 0, 255)  # an opaque black corner, transparent elsewhere
+    shown, twin = trigger_planter(RepairTarget("banana", None, None, stamp))(image, rng)  # type: ignore[misc]
+    assert (shown[:6, :6] == 0).all() and (shown[12:, 12:] == image[12:, 12:]).all() and twin is image
+    assert trigger_planter(RepairTarget("banana", None)) is None
