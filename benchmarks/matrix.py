@@ -942,7 +942,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Headline numbers per split, as the acceptance criteria read them."""
     out = {}
     for split in SPLITS:
-        part = [r for r in rows if r["split"] == split]
+        # Rows run with --model-only alone have no data-driven scan to summarize.
+        part = [r for r in rows if r["split"] == split and "verdict" in r]
         if not part:
             continue
         poisoned = [r for r in part if r["attacks"] and planted(r)]
