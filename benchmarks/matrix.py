@@ -1252,10 +1252,12 @@ def main() -> None:
                             "oracle_share",
                         )
                     }
+                    | {"repair": results[row.name].get("repair")}
                 ),
                 flush=True,
             )
-    write_result(args.out, "matrix", _body(_in_row_order(list(results.values()))))
+            # Row by row, as the model-only column: a run stopped part-way keeps what it did.
+            write_result(args.out, "matrix", _body(_in_row_order(list(results.values()))))
 
 
 def _saved_rows(path: Path) -> list[dict[str, Any]]:
