@@ -1012,8 +1012,8 @@ def table(body: dict[str, Any]) -> str:
         "trained by this project and scanned with default settings; ground truth is what the "
         "generator planted. `not planted`: the trigger's attack success stayed below "
         f"{PLANTED_ASR:.0%}, so the row measures nothing and is counted apart. R: recall over every "
-        "planted file; R flipped: over the planted files the model predicts as the target (the "
-        "backdoor's victims; a planted file its trigger did not flip is no victim).",
+        "planted file (since dc530f7 the scan also lists, by appearance, planted files the "
+        "trigger did not flip); R flipped: over the planted files the model predicts as the target.",
         "",
     ]
     if body.get("data_driven_note"):
