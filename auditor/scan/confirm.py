@@ -86,7 +86,8 @@ def confirm_patch(
         prototype, list(clean.images), clean.labels, target, ctx.score_exact, ctx.config.seed
     )
     others = [image for image, label in zip(clean.images, clean.labels, strict=True) if label != target]
-    victims += _victims_by_appearance(ctx, target, prototype, clean, {v.index for v in victims})
+    fp32_target = dict(zip(predicted, predicted_images, strict=True))
+    victims += _victims_by_appearance(ctx, target, prototype, clean, {v.index for v in victims}, fp32_target)
     pieces = natural_pieces(
         _natural_images(predicted_images, predicted, target_probs, victims, natural),
         prototype,
@@ -116,11 +117,18 @@ def _predicted_in_fp32(ctx: ScanContext, target: int) -> tuple[list[int], list[n
 
 
 def _victims_by_appearance(
-    ctx: ScanContext, target: int, prototype: Prototype, clean: CleanSet, found: set[int]
+    ctx: ScanContext,
+    target: int,
+    prototype: Prototype,
+    clean: CleanSet,
+    found: set[int],
+    fp32_target: dict[int, np.ndarray],
 ) -> list[Victim]:
     """Images the data labels `target`, not in `found`, that carry the prototype by appearance:
     poisoned pairs whose trigger did not take (predicted in fp32 as another label) or whose
     blanked trigger left the prediction where it was. Unlabelled data has none.
+    `fp32_target`: data index -> uint8 image of those already decoded and predicted as the
+    target in fp32 (`_predicted_in_fp32`); only the others are decoded and scored here.
 
     `find_by_appearance` calibrates on the clean set's images of other labels, predicted and
     claimed: an unflipped pair is predicted as what it shows and the oracle agrees, so the
@@ -131,13 +139,20 @@ def _victims_by_appearance(
         for check, image in zip(clean.checks, clean.images, strict=True)
         if check.pred != target and ctx.dataset.samples[check.index].label != name
     ]
-    indices = [i for i, sample in enumerate(ctx.dataset.samples) if sample.label == name and i not in found]
-    indices = [i for i in indices if i in ctx.predictions]  # scored by stage 0 (not unreadable)
-    images = [ctx.image(i) for i in indices]
-    labels = top1(ctx.score_exact(images)) if images else np.zeros(0, np.int64)
-    keep = [i for i, label in enumerate(labels) if label != -1]
-    images, indices = [images[i] for i in keep], [indices[i] for i in keep]
-    return find_by_appearance(images, indices, [int(labels[i]) for i in keep], target, prototype, null)
+    indices = [
+        i
+        for i, sample in enumerate(ctx.dataset.samples)
+        if sample.label == name and i not in found and i in ctx.predictions  # scored by stage 0
+    ]
+    images = {i: fp32_target[i] for i in indices if i in fp32_target}
+    labels = dict.fromkeys(images, target)
+    rest = [i for i in indices if i not in images]
+    if rest:
+        images |= {i: ctx.image(i) for i in rest}
+        labels |= dict(zip(rest, top1(ctx.score_exact([images[i] for i in rest])).tolist(), strict=True))
+    kept = [i for i in indices if labels[i] != -1]
+    predictions = [labels[i] for i in kept]
+    return find_by_appearance([images[i] for i in kept], kept, predictions, target, prototype, null)
 
 
 def natural_targets(checks: Sequence[ImageCheck], target: int) -> list[int]:
