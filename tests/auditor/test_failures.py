@@ -1,9 +1,10 @@
 """One image's failure does not end a scan: it is recorded, the rest is judged against ground truth.
 
 An oracle that raises on one planted poisoned image stands in for any unexpected per-image bug.
-The scan must still write its report, list that image under `failures`, find the backdoor from
-the other poisoned images, keep the failure on a resumed scan, and check the image again only
-with `--retry-failed`.
+The scan must still write its report, list that image under `failures` (once, though later
+oracle passes would pick it again), find the backdoor from the other poisoned images (and still
+name the failed one, by matching the trigger), keep the failure on a resumed scan, and check the
+image again only with `--retry-failed`.
 """
 
 from __future__ import annotations
@@ -80,9 +81,12 @@ def test_a_failing_image_is_recorded_and_the_findings_still_match_ground_truth(
         }
     ]
     assert report["target_labels"] == [truth["target"]]
-    planted = {p["path"]: p["box"] for p in truth["poisoned"] if p["path"] != failed}
+    planted = {p["path"]: p["box"] for p in truth["poisoned"]}
     found = {v["path"]: v["trigger_box"] for v in report["victims"]}
-    assert failed not in found
+    # The oracle's segments never judged the failed image, but victims are found by matching the
+    # confirmed trigger (Algorithm 2 and the appearance test), which needs no segments: a planted
+    # pair is still named.
+    assert failed in found
     hits = set(planted) & set(found)
     assert len(hits) / len(found) >= 0.9 and len(hits) / len(planted) >= 0.9
     assert np.median([box_iou(planted[p], found[p]) for p in hits]) >= 0.5
