@@ -661,13 +661,21 @@ def repair_row(
 
     repaired = out / "repaired.safetensors"
     argv = ["repair", str(model_path), str(data), "--arch", str(arch_path(row, folder))]
-    argv += ["--report", str(out / "report.json"), "--output", str(repaired), "--force"]
+    argv += ["--report", str(out / "report.json"), "--output", str(repaired), "--force", "--out", str(out)]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         code = run(argv)
     if code != 0 or not repaired.exists():
         return {"exit": code}
     after = evaluate_row(row, folder, repaired, test_dir)
-    return {"exit": code, **after}
+    # The repair's own view (its held-out scan images, its stopping rule) beside the matrix's
+    # test scenes: where they disagree on clean accuracy, the stopping rule was misled.
+    own = json.loads((out / "repair.json").read_text())
+    seen = {
+        "steps": own["steps"],
+        "stopped": own["stopped"],
+        "holdout_accuracy": [own["before"]["clean_accuracy"], own["after"]["clean_accuracy"]],
+    }
+    return {"exit": code, **after, "own": seen}
 
 
 def run_row(row: Row, folder: Path, work: Path, repair: bool) -> dict[str, Any]:

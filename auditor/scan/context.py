@@ -47,6 +47,10 @@ class ScanConfig:
     seed: int = 0
     batch_size: int = 64
     compact_fraction: float = 0.08  # the compact set's cap, as a share of the data
+    # The share of the data's images Algorithm 1 checks at most: a cost bound (the detection
+    # matrix's, issue 13), not a fitted threshold. The sample and the follow-up are checked
+    # whatever it says; the suspects' pass gets what is left (`auditor.scan.suspects.suspects_pass`).
+    oracle_budget: float = 0.4
 
 
 def top1(probs: np.ndarray) -> np.ndarray:

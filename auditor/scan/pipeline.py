@@ -43,7 +43,7 @@ from auditor.scan.model_level import (
     with_inversion,
 )
 from auditor.scan.screen import ByIndex, Probabilities, choose_sample, predictions, score_all
-from auditor.scan.suspects import candidate_clusters, follow_up, suspect_classes
+from auditor.scan.suspects import candidate_clusters, follow_up, suspect_classes, suspects_pass
 from auditor.scoring import ZeroShotScorer, make_scorer, torch_runners
 from engines.runners import Runner
 
@@ -159,8 +159,8 @@ def _oracle_checks(
     executor: Executor | None = None,
 ) -> dict[int, ImageCheck]:
     """Algorithm 1 on the stratified sample, on the follow-up images that match a class's
-    strongest candidate (`auditor.scan.suspects.follow_up`), then on every image predicted as a
-    suspect class.
+    strongest candidate (`auditor.scan.suspects.follow_up`), then on images predicted as a
+    suspect class, as many as the oracle budget leaves (`auditor.scan.suspects.suspects_pass`).
 
     Only suspects by disagreement without look-alike candidates get the second pass: a
     non-localized trigger's victims are the images that disagree with the oracle, while a
@@ -193,7 +193,8 @@ def _oracle_checks(
     sampled = list(checks.values())
     suspects = set(suspect_classes(sampled, len(ctx.dataset.classes)))
     suspects -= {c.target for c in candidate_clusters(sampled, ctx.image, ctx.config.min_candidates)}
-    rest = _not_failed(ctx, sorted(i for i, p in preds.items() if p in suspects and i not in checks))
+    room = int(ctx.config.oracle_budget * len(preds)) - len(checks)
+    rest = _not_failed(ctx, suspects_pass(checks, preds, suspects, room, ctx.config.seed, embeddings))
     run_checks(
         ctx,
         rest,

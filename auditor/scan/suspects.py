@@ -25,13 +25,14 @@ Neither decides anything: the transplant test does (`auditor.scan.confirm`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 
 from auditor.scan.check import ImageCheck
+from auditor.scan.screen import round_robin
 from auditor.scan.trigger import box_pixels, resize
 
 SUSPECT_P_VALUE = 0.01
@@ -256,3 +257,73 @@ def follow_up(
         matches = sorted((s for s in scored if s[0] >= MATCH_THRESHOLD), key=lambda s: (-s[0], s[1]))
         chosen += [i for _, i in matches[:FOLLOW_UP]]
     return sorted(chosen)
+
+
+def suspects_pass(
+    checks: dict[int, ImageCheck],
+    predictions: dict[int, int],
+    suspects: set[int],
+    room: int,
+    seed: int = 0,
+    embeddings: Mapping[int, np.ndarray] | None = None,
+) -> list[int]:
+    """Up to `room` unchecked images predicted as a `suspects` class, the classes taking turns;
+    sorted data indices.
+
+    Within a class, the images furthest along the direction from its checked images that agree
+    with the oracle to those that disagree without a candidate (stage 0 `embeddings`, {data
+    index: float32 (D,)}) come first; without both kinds or embeddings, a random order (`seed`).
+
+    Why a bound: a class suspect by disagreement alone is checked further only for the overlay
+    test, whose estimate is a mean over the images that disagree, and its victims list. Checked
+    whole, the benign suspects of a weak model took the oracle to 47 % of the matrix's images;
+    `room` is what the oracle budget (`ScanConfig.oracle_budget`) leaves after the sample and
+    the follow-up. Why nearest first: the images a trigger turns into a class form a tight
+    sub-population of it in the model's embedding space (as in `auditor.scan.screen.strata`),
+    so the budget goes to the images likeliest to carry the overlay; the estimate is still a
+    mean over the disagreeing images only.
+    """
+    rng = np.random.default_rng((seed, 3))
+    unchecked: dict[int, list[int]] = {}
+    for index, pred in sorted(predictions.items()):
+        if pred in suspects and index not in checks:
+            unchecked.setdefault(pred, []).append(index)
+    turns = []
+    for cls in sorted(unchecked):
+        shuffled = [int(i) for i in rng.permutation(unchecked[cls])]
+        mine = [c for c in checks.values() if c.pred == cls]
+        towards = [c.index for c in mine if c.disagrees and c.candidate is None]
+        away = [c.index for c in mine if not c.disagrees]
+        turns.append(
+            _nearest_first(shuffled, towards, away, embeddings) if embeddings is not None else shuffled
+        )
+    return sorted(round_robin(turns, max(0, room)))
+
+
+def _nearest_first(
+    members: list[int], towards: list[int], away: list[int], embeddings: Mapping[int, np.ndarray]
+) -> list[int]:
+    """`members` by how far their unit embedding lies along the direction from the mean of the
+    `away` images to the mean of the `towards` images, furthest first (a stable sort: members
+    without an embedding go last, ties keep their order).
+
+    A direction between two means, not the nearest single image: one image's embedding is as
+    much its content as its trigger, a mean of a few keeps the shift they share.
+    """
+    ahead, behind = _mean_unit(towards, embeddings), _mean_unit(away, embeddings)
+    if ahead is None or behind is None:
+        return members
+    direction = ahead - behind
+    along = {i: float(_unit(embeddings[i]) @ direction) for i in members if i in embeddings}
+    return sorted(members, key=lambda i: -along.get(i, -np.inf))
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    vector = np.asarray(vector, np.float64)
+    return vector / (np.linalg.norm(vector) + 1e-12)
+
+
+def _mean_unit(indices: list[int], embeddings: Mapping[int, np.ndarray]) -> np.ndarray | None:
+    """The mean of the unit embeddings of `indices` that have one; None if none has."""
+    vectors = [_unit(embeddings[i]) for i in indices if i in embeddings]
+    return np.mean(vectors, axis=0) if vectors else None

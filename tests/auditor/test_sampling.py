@@ -122,3 +122,59 @@ def test_no_embeddings_give_an_empty_table():
     from auditor.scan.screen import EmbeddingFile
 
     assert EmbeddingFile(None, capacity=0).rows().shape[0] == 0
+
+
+def _checked(predictions: dict[int, int], indices, disagreeing=()) -> dict:
+    """{index: a stand-in check}: agreeing with the oracle unless in `disagreeing`, no candidate."""
+    from types import SimpleNamespace
+
+    return {
+        i: SimpleNamespace(index=i, pred=predictions[i], disagrees=i in disagreeing, candidate=None)
+        for i in indices
+    }
+
+
+def test_the_suspects_pass_shares_the_budget_left_between_suspects_in_random_order():
+    from auditor.scan.suspects import suspects_pass
+
+    # 3 suspect classes of 100 images and a benign one; in class 0 the last 30 images are the
+    # planted ones (data order puts them last, as a folder sorted by name may).
+    predictions = {i: i // 100 for i in range(400)}
+    suspects = {0, 1, 2}
+    checked = _checked(predictions, range(0, 300, 10))  # the sample took 10 of each class
+    picked = suspects_pass(checked, predictions, suspects, 60, seed=0)
+    assert len(picked) == len(set(picked)) == 60
+    assert not set(picked) & set(checked) and all(predictions[i] in suspects for i in picked)
+    per_class = np.bincount([predictions[i] for i in picked], minlength=4)
+    assert list(per_class) == [20, 20, 20, 0]
+    # Random order within a class: the planted tail gets about its share (27 of 90 unchecked).
+    shares = [
+        sum(i >= 70 for i in suspects_pass(checked, predictions, {0}, 20, seed)) / 20 for seed in range(40)
+    ]
+    assert 0.2 <= np.mean(shares) <= 0.4, shares
+    # Room for everything: every unchecked suspect image (the pass before the budget); none: nothing.
+    assert len(suspects_pass(checked, predictions, suspects, 10_000)) == 270
+    assert suspects_pass(checked, predictions, suspects, -5) == []
+
+
+def test_the_suspects_pass_spends_its_budget_near_the_images_that_disagreed():
+    from auditor.scan.suspects import suspects_pass
+
+    # One class of 112: 100 clean, 12 planted as a shifted sub-population (the matrix's ViT
+    # geometry, `_class_embeddings`). The sample checked 16, two planted ones disagreed.
+    predictions = dict.fromkeys(range(112), 0)
+    sample = [*range(0, 98, 7), 100, 101]
+    checked = _checked(predictions, sample, disagreeing={100, 101})
+    found = []
+    for seed in range(20):
+        vectors = _class_embeddings(np.random.default_rng(seed), 100, 12)
+        embeddings = {i: vectors[i] for i in range(112)}
+        picked = suspects_pass(checked, predictions, {0}, 10, seed=0, embeddings=embeddings)
+        found.append(sum(i >= 100 for i in picked))
+    # Uniformly, 10 of the 96 unchecked would hold ~1 of the 10 planted ones left.
+    assert np.mean(found) >= 8, found
+    # Nothing disagreed: no direction to follow, the random order.
+    calm = _checked(predictions, sample)
+    assert suspects_pass(calm, predictions, {0}, 10, 0, embeddings) == suspects_pass(
+        calm, predictions, {0}, 10, 0
+    )
