@@ -278,7 +278,7 @@ def suspects_pass(
     test, whose estimate is a mean over the images that disagree, and its victims list. Checked
     whole, the benign suspects of a weak model took the oracle to 47 % of the matrix's images;
     `room` is what the oracle budget (`ScanConfig.oracle_budget`) leaves after the sample and
-    the follow-up. Why nearest first: the images a trigger turns into a class form a tight
+    the follow-up. Why this order: the images a trigger turns into a class form a tight
     sub-population of it in the model's embedding space (as in `auditor.scan.screen.strata`),
     so the budget goes to the images likeliest to carry the overlay; the estimate is still a
     mean over the disagreeing images only.
@@ -295,12 +295,12 @@ def suspects_pass(
         towards = [c.index for c in mine if c.disagrees and c.candidate is None]
         away = [c.index for c in mine if not c.disagrees]
         turns.append(
-            _nearest_first(shuffled, towards, away, embeddings) if embeddings is not None else shuffled
+            _furthest_along(shuffled, towards, away, embeddings) if embeddings is not None else shuffled
         )
     return sorted(round_robin(turns, max(0, room)))
 
 
-def _nearest_first(
+def _furthest_along(
     members: list[int], towards: list[int], away: list[int], embeddings: Mapping[int, np.ndarray]
 ) -> list[int]:
     """`members` by how far their unit embedding lies along the direction from the mean of the
@@ -319,6 +319,7 @@ def _nearest_first(
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
+    """`vector` (D,) scaled to unit length, float64."""
     vector = np.asarray(vector, np.float64)
     return vector / (np.linalg.norm(vector) + 1e-12)
 
