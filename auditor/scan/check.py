@@ -427,10 +427,17 @@ def run_checks(
     """Algorithm 1 on `indices`, CHUNK images at a time, into `checks` (data index -> check).
 
     A chunk found in `cache` is not recomputed, and neither are the images that failed in it,
-    unless `retry_failed`. The next chunk to compute is decoded and segmented (`SegmentAhead`)
-    while the current one is scored. With an `executor` (and a cache), the chunks to compute
-    run there first and are then read back from the cache.
+    unless `retry_failed`. An image the oracle already failed on in this scan (an earlier pass)
+    is left out: it is not in `checks`, and checking it again would fail, or compute it, twice.
+    The next chunk to compute is decoded and segmented (`SegmentAhead`) while the current one is
+    scored. With an `executor` (and a cache), the chunks to compute run there first and are then
+    read back from the cache.
     """
+    failed_before = {f.path for f in ctx.failures if f.stage == "oracle"}
+    kept = [i for i in indices if ctx.path(i) not in failed_before]
+    if len(kept) < len(indices):
+        advance(len(indices) - len(kept))  # handled: by the pass that failed on them
+    indices = kept
     parts = [indices[start : start + CHUNK] for start in range(0, len(indices), CHUNK)]
     found_in_cache = [cache.load_checks(part) if cache else None for part in parts]
     if retry_failed:

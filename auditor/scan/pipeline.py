@@ -179,7 +179,7 @@ def _oracle_checks(
         retry_failed,
         executor,
     )
-    extra = _not_failed(ctx, follow_up(checks, preds, ctx.image, ctx.config.seed))
+    extra = follow_up(checks, preds, ctx.image, ctx.config.seed)
     run_checks(
         ctx,
         extra,
@@ -194,7 +194,7 @@ def _oracle_checks(
     suspects = set(suspect_classes(sampled, len(ctx.dataset.classes)))
     suspects -= {c.target for c in candidate_clusters(sampled, ctx.image, ctx.config.min_candidates)}
     room = int(ctx.config.oracle_budget * len(preds)) - len(checks)
-    rest = _not_failed(ctx, suspects_pass(checks, preds, suspects, room, ctx.config.seed, embeddings))
+    rest = suspects_pass(checks, preds, suspects, room, ctx.config.seed, embeddings)
     run_checks(
         ctx,
         rest,
@@ -206,16 +206,6 @@ def _oracle_checks(
         executor,
     )
     return checks
-
-
-def _not_failed(ctx: ScanContext, indices: list[int]) -> list[int]:
-    """`indices` less the images the oracle already failed on in this scan.
-
-    A failed image is not in `checks`, so a later pass would pick it again and fail (or, with
-    `--retry-failed`, compute it) a second time: one image, two failures in the report.
-    """
-    failed = {f.path for f in ctx.failures if f.stage == "oracle"}
-    return [i for i in indices if ctx.path(i) not in failed]
 
 
 def _compact(ctx: ScanContext, checks: dict[int, ImageCheck], findings: Findings) -> tuple[CompactPair, ...]:

@@ -34,6 +34,7 @@ import numpy as np
 from auditor.scan.check import ImageCheck
 from auditor.scan.screen import round_robin
 from auditor.scan.trigger import box_pixels, resize
+from auditor.scoring import normalize
 
 SUSPECT_P_VALUE = 0.01
 BASELINE_FLOOR = 0.02  # a class is never compared against a disagreement rate below 2 %
@@ -313,18 +314,15 @@ def _furthest_along(
     ahead, behind = _mean_unit(towards, embeddings), _mean_unit(away, embeddings)
     if ahead is None or behind is None:
         return members
-    direction = ahead - behind
-    along = {i: float(_unit(embeddings[i]) @ direction) for i in members if i in embeddings}
+    placed = [i for i in members if i in embeddings]
+    if not placed:
+        return members
+    units = normalize(np.stack([embeddings[i] for i in placed]))
+    along = dict(zip(placed, (units @ (ahead - behind)).tolist(), strict=True))
     return sorted(members, key=lambda i: -along.get(i, -np.inf))
 
 
-def _unit(vector: np.ndarray) -> np.ndarray:
-    """`vector` (D,) scaled to unit length, float64."""
-    vector = np.asarray(vector, np.float64)
-    return vector / (np.linalg.norm(vector) + 1e-12)
-
-
 def _mean_unit(indices: list[int], embeddings: Mapping[int, np.ndarray]) -> np.ndarray | None:
-    """The mean of the unit embeddings of `indices` that have one; None if none has."""
-    vectors = [_unit(embeddings[i]) for i in indices if i in embeddings]
-    return np.mean(vectors, axis=0) if vectors else None
+    """The mean of the unit embeddings of `indices` that have one, float32 (D,); None if none has."""
+    vectors = [embeddings[i] for i in indices if i in embeddings]
+    return normalize(np.stack(vectors)).mean(axis=0) if vectors else None
