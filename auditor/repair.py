@@ -80,7 +80,10 @@ class RepairConfig:
     stop_transplant: float = 0.02
     max_accuracy_drop: float = 0.005
     max_class_drop: float = 0.1  # no single class may lose more than this
-    holdout: int = 512  # held-out images, at most half of those neither compact nor victims
+    # Held-out images, at most half of those neither compact nor victims. Where there are enough
+    # (`steering_and_judging`), half of them steer the stopping rule and the other half, which
+    # it never reads, give the before / after figures.
+    holdout: int = 512
     seed: int = 0
 
 
@@ -136,6 +139,16 @@ class Measurement:
     # What the triggers add to the model's own confusion: per target, its transplant success
     # minus the share of the same clean images (no trigger) already predicted as it; the worst.
     trigger_excess: float | None = None
+    # bool (N,): which held-out images the model got right, in the held-out order.
+    correct: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def accuracy_change_error(self, before: Measurement) -> float | None:
+        """The standard error of `clean_accuracy - before.clean_accuracy`, both measured on the
+        same images: the spread of the per-image change over sqrt(N). None without both."""
+        if self.correct is None or before.correct is None or len(self.correct) != len(before.correct):
+            return None
+        change = self.correct.astype(np.float64) - before.correct.astype(np.float64)
+        return float(change.std(ddof=1) / np.sqrt(len(change))) if len(change) > 1 else None
 
     def worst_class_drop(self, before: Measurement) -> float:
         """The largest fall of one class's accuracy from `before` (a target can over-correct)."""
@@ -162,6 +175,10 @@ class RepairResult:
     compact_pairs: int
     holdout_images: int
     anchor_images: int = 0  # data images the anchor also ran on (`anchor_pool`)
+    # Held-out images that `before` / `after` were measured on; `judged_apart`: the stopping rule
+    # (on `holdout_images` others, its figures in `history`) never read them.
+    judged_images: int = 0
+    judged_apart: bool = False
     history: tuple[tuple[int, Measurement], ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,6 +192,9 @@ class RepairResult:
             "compact_pairs": self.compact_pairs,
             "holdout_images": self.holdout_images,
             "anchor_images": self.anchor_images,
+            "judged_images": self.judged_images,
+            "judged_apart": self.judged_apart,
+            "accuracy_change_error": self.after.accuracy_change_error(self.before),
             "history": [{"step": step, **m.to_dict()} for step, m in self.history],
         }
 
@@ -311,12 +331,12 @@ def make_holdout(
     loaded: LoadedModel,
     dataset: Dataset,
     outputs: ScanOutputs,
-    size: int,
-    attack: Attack | None = None,
-    seed: int = 0,
+    chosen: Sequence[Sample],
+    attack: Attack | None,
+    seed: int,
 ) -> HoldOut:
-    """Up to `size` labeled data images that the fine-tune never sees and that are not victims."""
-    chosen = _holdout_samples(dataset, outputs, size, seed)
+    """The `chosen` held-out samples (`_holdout_samples`: labeled, never in the compact set, never
+    victims) read and preprocessed, with each recovered trigger (and `attack`) applied."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for sample in chosen:
@@ -325,6 +345,10 @@ def make_holdout(
         except ImageDecodeError:
             continue
         labels.append(dataset.label_index(sample))
+    if not images:
+        raise InputError(
+            f"{dataset.root}: none of the {len(chosen)} images held out to measure the repair could be read"
+        )
     triggered: dict[int, np.ndarray] = {}
     for aim in outputs.targets():
         if aim.label not in dataset.classes:
@@ -356,6 +380,33 @@ def make_holdout(
         None if attacked is None else preprocess_images(loaded, attacked),
         frozenset(s.path for s in chosen),
     )
+
+
+def steering_and_judging(
+    loaded: LoadedModel,
+    dataset: Dataset,
+    outputs: ScanOutputs,
+    size: int,
+    attack: Attack | None = None,
+    seed: int = 0,
+    least_half: int = 1,
+) -> tuple[HoldOut, HoldOut]:
+    """Up to `size` held-out images (`make_holdout`): the ones that steer the stopping rule, and
+    the ones that judge the result (before / after). Two disjoint halves when each half has at
+    least `least_half` images; otherwise the same images do both (the same object twice).
+
+    Why: the loop stops at the first check where the held-out images show the trigger gone and
+    clean accuracy kept. Read at every check, those images favour a check where their accuracy
+    happened to be high: on a weak ResNet of the matrix they read -0.4 points where 1,800 fresh
+    test images read -2.6. The images that judge must not steer, when there are enough of them.
+    """
+    chosen = _holdout_samples(dataset, outputs, size, seed)
+    if len(chosen) < 2 * least_half:
+        together = make_holdout(loaded, dataset, outputs, chosen, attack, seed)
+        return together, together
+    steering = make_holdout(loaded, dataset, outputs, chosen[0::2], attack, seed)
+    judging = make_holdout(loaded, dataset, outputs, chosen[1::2], attack, seed)
+    return steering, judging
 
 
 def _untouched(dataset: Dataset, outputs: ScanOutputs) -> list[Sample]:
@@ -464,7 +515,12 @@ def measure(loaded: LoadedModel, classes: Sequence[str], holdout: HoldOut, targe
             for c in range(len(classes))
         )
         return Measurement(
-            float(hits.mean()), transplant, success(holdout.attacked), per_class, max(excess, default=None)
+            float(hits.mean()),
+            transplant,
+            success(holdout.attacked),
+            per_class,
+            max(excess, default=None),
+            hits,
         )
 
 
@@ -737,9 +793,16 @@ def repair(
         raise InputError(f"the report's target '{target_label}' is not a class of {dataset.root}")
     target = dataset.classes.index(target_label)
     started = time.perf_counter()
-    holdout = make_holdout(loaded, dataset, outputs, config.holdout, attack, config.seed)
+    # The steering images must resolve the accuracy the stop allows to be lost (at 0.5 points,
+    # one image in 200): on the zoo's 212 held-out images, halves of 106 could not, the stop
+    # never saw "kept" and a corner-patch repair spent its budget and lost 3.5 points.
+    least_half = int(np.ceil(1 / max(config.max_accuracy_drop, 1e-3)))
+    holdout, judge = steering_and_judging(
+        loaded, dataset, outputs, config.holdout, attack, config.seed, least_half
+    )
     pool_size = config.anchor_pool if config.anchor > 0 else 0
-    pool = anchor_pool(loaded, dataset, outputs, holdout.paths, pool_size, config.seed)
+    pool = anchor_pool(loaded, dataset, outputs, holdout.paths | judge.paths, pool_size, config.seed)
+    judged_before = measure(loaded, dataset.classes, judge, target)
     history: list[tuple[int, Measurement]] = []
     best: dict[str, Any] = {}
 
@@ -760,25 +823,24 @@ def repair(
         left = 0.0 if gone else (now.trigger_excess or 0.0)
         rank = (not gone, left, not kept, -now.clean_accuracy)
         if step > 0 and ("rank" not in best or rank < best["rank"]):
-            best.update(rank=rank, step=step, state=copy.deepcopy(loaded.model.state_dict()), measured=now)
+            best.update(rank=rank, step=step, state=copy.deepcopy(loaded.model.state_dict()))
         # Without a recovered trigger there is nothing to stop on: the budget runs.
         return step > 0 and kept and gone
 
     pairs = TrainingPairs.from_compact(outputs.compact)
     planters = [p for p in map(trigger_planter, outputs.targets()) if p is not None]
     steps = fine_tune(loaded, pairs, config, should_stop, planters, progress, tuple(pool.values()))
-    after = history[-1][1]
     if steps < config.steps:
         stopped = f"trigger gone after {steps} steps"
     elif best and best["step"] != history[-1][0]:
         loaded.model.load_state_dict(best["state"])
-        steps, after = best["step"], best["measured"]
+        steps = best["step"]
         stopped = f"step budget spent; kept the best state (step {steps})"
     else:
         stopped = "step budget spent"
     return RepairResult(
-        before=history[0][1],
-        after=after,
+        before=judged_before,
+        after=measure(loaded, dataset.classes, judge, target),
         steps=steps,
         images_seen=steps * config.batch_size * (2 if pool else 1),
         seconds=time.perf_counter() - started,
@@ -786,5 +848,7 @@ def repair(
         compact_pairs=len(outputs.compact),
         holdout_images=len(holdout.labels),
         anchor_images=len(pool),
+        judged_images=len(judge.labels),
+        judged_apart=judge is not holdout,
         history=tuple(history),
     )

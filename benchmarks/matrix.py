@@ -674,13 +674,14 @@ def repair_row(
     if code != 0 or not repaired.exists():
         return {"exit": code}
     after = evaluate_row(row, folder, repaired, test_dir)
-    # The repair's own view (its held-out scan images, its stopping rule) beside the matrix's
-    # test scenes: where they disagree on clean accuracy, the stopping rule was misled.
+    # The repair's own view (its judging half of the held-out scan images, with the standard
+    # error of its change) beside the matrix's test scenes.
     own = json.loads((out / "repair.json").read_text())
     seen = {
         "steps": own["steps"],
         "stopped": own["stopped"],
         "holdout_accuracy": [own["before"]["clean_accuracy"], own["after"]["clean_accuracy"]],
+        "holdout_change_error": own.get("accuracy_change_error"),
     }
     return {"exit": code, **after, "own": seen}
 

@@ -171,11 +171,18 @@ def before_after_table(result: RepairResult) -> Table:
     def rate(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    table = Table(title="repair: before / after (held-out images)")
+    steered = "" if result.judged_apart else ", which also steered the stop"
+    table = Table(title=f"repair: before / after ({result.judged_images} held-out images{steered})")
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    table.add_row("clean accuracy", rate(result.before.clean_accuracy), rate(result.after.clean_accuracy))
+    error = result.after.accuracy_change_error(result.before)
+    change = result.after.clean_accuracy - result.before.clean_accuracy
+    # The change is measured on a few hundred images: its standard error says how far to trust it.
+    spread = "" if error is None else f" ({100 * change:+.1f} ± {100 * error:.1f} points)"
+    table.add_row(
+        "clean accuracy", rate(result.before.clean_accuracy), rate(result.after.clean_accuracy) + spread
+    )
     table.add_row(
         "attack success, recovered trigger",
         rate(result.before.transplant_success),

@@ -86,20 +86,38 @@ def test_rescan_of_repaired_model_is_clean(repaired):
 
 def test_the_anchor_pool_holds_no_triggered_held_out_or_compact_image(repaired):
     """The extra images the anchor pulls to the original model's embeddings: judged against the
-    generator's planted files. A triggered image among them would teach the backdoor again."""
+    generator's planted files. A triggered image among them would teach the backdoor again.
+    The held-out images split in two disjoint halves, one steering the stopping rule and one
+    judging the result, where each half can resolve the stop's accuracy bound; repair.json's
+    before / after are measured on the judging images."""
     from auditor.data import open_dataset
     from auditor.models import load_model
-    from auditor.repair import anchor_pool, load_scan_outputs, make_holdout, predictor, preprocess_images
+    from auditor.repair import (
+        anchor_pool,
+        load_scan_outputs,
+        measure,
+        predictor,
+        preprocess_images,
+        steering_and_judging,
+    )
 
     tmp = repaired["tmp"]
     outputs = load_scan_outputs(tmp / "report" / "report.json")
     dataset = open_dataset(tmp / "scan")
     loaded = load_model(checkpoint_path(repaired["name"]), CONFIG_PATH)
-    holdout = make_holdout(loaded, dataset, outputs, 512)
-    pool = anchor_pool(loaded, dataset, outputs, holdout.paths, 1024)
+    steering, judging = steering_and_judging(loaded, dataset, outputs, 512)  # halves of any size
+    assert not steering.paths & judging.paths and abs(len(steering.paths) - len(judging.paths)) <= 1
+    held_out = steering.paths | judging.paths
+    # The repair's own call: halves of 200 images at least (one image in 200 is the 0.5 points
+    # the stop allows); this scan's folder holds too few, so the same images steer and judge.
+    together, same = steering_and_judging(loaded, dataset, outputs, 512, least_half=200)
+    assert together is same and together.paths == held_out and len(held_out) < 400
+    pool = anchor_pool(loaded, dataset, outputs, held_out, 1024)
     truth = repaired["truth"]
     planted = {p["path"] for p in truth["poisoned"]}
-    assert not set(pool) & (holdout.paths | set(outputs.compact.sources))
+    victims = {v.path for v in outputs.report.victims}
+    assert not set(pool) & (held_out | set(outputs.compact.sources))
+    assert not held_out & (set(outputs.compact.sources) | victims)
     # A planted image may be in the pool only if its trigger failed: the model does not call it
     # the target (on patch-random one of 24 was such a dud, still an apple).
     duds = [path for path in pool if path in planted]
@@ -109,8 +127,15 @@ def test_the_anchor_pool_holds_no_triggered_held_out_or_compact_image(repaired):
         assert truth["target"] not in {dataset.classes[c] for c in calls}
     assert len(duds) <= 0.1 * len(planted)
     # Half the untouched data, less the images called the target: more than the compact set.
-    assert len(outputs.compact) < len(pool) <= len(dataset.samples) - len(holdout.paths)
-    assert json.loads((tmp / "repair.json").read_text())["anchor_images"] == len(pool)
+    assert len(outputs.compact) < len(pool) <= len(dataset.samples) - len(held_out)
+    record = json.loads((tmp / "repair.json").read_text())
+    assert record["anchor_images"] == len(pool)
+    assert record["holdout_images"] == record["judged_images"] == len(together.labels)
+    assert record["judged_apart"] is False
+    # `before` is the original model measured on the judging images (the fixture's repair used
+    # the same seed, so the same images).
+    target = dataset.classes.index(truth["target"])
+    assert record["before"] == measure(loaded, dataset.classes, together, target).to_dict()
 
 
 def test_repaired_checkpoint_keeps_the_input_format_and_loads_in_open_clip(repaired):
@@ -226,3 +251,22 @@ def test_every_kind_of_recovered_trigger_is_shown_to_the_fine_tune_with_its_trig
     shown, twin = trigger_planter(RepairTarget("banana", None, None, stamp))(image, rng)  # type: ignore[misc]
     assert (shown[:6, :6] == 0).all() and (shown[12:, 12:] == image[12:, 12:]).all() and twin is image
     assert trigger_planter(RepairTarget("banana", None)) is None
+
+
+def test_the_clean_accuracy_change_comes_with_its_standard_error_over_the_same_images():
+    """100 held-out images, all right before and 10 of them wrong after: a change of -0.10 whose
+    per-image values are ten -1s and ninety 0s, so its standard error is
+    sqrt((10 * 0.9**2 + 90 * 0.1**2) / 99) / sqrt(100) = 0.0302. Images that swap places (as many
+    right-to-wrong as wrong-to-right) leave the accuracy where it was but not the error."""
+    from auditor.repair import Measurement
+
+    right = np.ones(100, bool)
+    before = Measurement(1.0, None, correct=right)
+    after = Measurement(0.9, None, correct=np.r_[np.zeros(10, bool), np.ones(90, bool)])
+    assert after.accuracy_change_error(before) == pytest.approx(np.sqrt(9.0 / 99) / 10)
+    half = np.r_[np.ones(50, bool), np.zeros(50, bool)]
+    swapped = Measurement(0.5, None, correct=half[::-1].copy())
+    assert swapped.accuracy_change_error(Measurement(0.5, None, correct=half)) == pytest.approx(
+        np.sqrt(100 / 99) / 10
+    )
+    assert after.accuracy_change_error(Measurement(1.0, None)) is None  # nothing to pair with
