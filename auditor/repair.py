@@ -76,6 +76,9 @@ class RepairConfig:
     # Data images the anchor also runs on, a batch of them per step (0: the compact pairs only);
     # see `anchor_pool`.
     anchor_pool: int = 1024
+    # Weight of the same pull one step earlier: on the output of the last trained block of the
+    # image tower (`image_blocks`), as a squared error relative to the original's (`_feature_loss`).
+    feature_anchor: float = 10.0
     eval_every: int = 10
     stop_transplant: float = 0.02
     max_accuracy_drop: float = 0.005
@@ -587,6 +590,10 @@ def fine_tune(
     # A frozen copy of the model as it came: the anchor's reference.
     original = copy.deepcopy(model).eval().requires_grad_(False) if config.anchor > 0 else None
     anchored = torch.tensor(pairs.trigger_free)
+    # The last trained block's outputs, captured on each forward of the model and the original.
+    blocks = config.image_blocks if config.feature_anchor > 0 and config.towers != "text" else None
+    trained = _capture_block(model, blocks) if original is not None else None
+    reference = _capture_block(original, blocks) if original is not None and trained else None
     unlabeled = TrainingPairs.unlabeled(pool)
     order: list[int] = []
 
@@ -604,6 +611,7 @@ def fine_tune(
         _freeze_batch_norm(model)
         pixels, blanked = _batch_pixels(loaded, pairs, batch, planters, config.trigger_augment, rng)
         image_emb = F.normalize(model.encode_image(pixels), dim=-1)  # type: ignore[operator]
+        pixel_features = trained.latest if trained else None
         text_emb = F.normalize(model.encode_text(tokens[batch]), dim=-1)  # type: ignore[operator]
         scale = model.logit_scale.exp()  # type: ignore[operator]
         loss = config.contrastive * contrastive_loss(image_emb, text_emb, scale, groups[batch])
@@ -613,11 +621,16 @@ def fine_tune(
             # sees with that region blanked: the trigger becomes as meaningless as a blank, and
             # everything else keeps its embedding, which holds clean accuracy.
             loss = loss + config.anchor * _anchor_loss(original, image_emb[keep], blanked[keep])
+            if pixel_features is not None and reference and reference.latest is not None:
+                loss = loss + config.feature_anchor * _feature_loss(pixel_features[keep], reference.latest)
         if original is not None and len(unlabeled.images):
             picked = [int(i) for i in rng.choice(len(unlabeled.images), config.batch_size)]
             shown, blank = _batch_pixels(loaded, unlabeled, picked, planters, config.trigger_augment, rng)
             shown_emb = F.normalize(model.encode_image(shown), dim=-1)  # type: ignore[operator]
+            shown_features = trained.latest if trained else None
             loss = loss + config.anchor * _anchor_loss(original, shown_emb, blank)
+            if shown_features is not None and reference and reference.latest is not None:
+                loss = loss + config.feature_anchor * _feature_loss(shown_features, reference.latest)
         if config.in_modal > 0:
             other_view = F.normalize(model.encode_image(_augment(pixels)), dim=-1)  # type: ignore[operator]
             other_text = loaded.tokenizer([_drop_word(pairs.captions[i], rng) for i in batch])
@@ -638,6 +651,9 @@ def fine_tune(
     if step == config.steps:
         should_stop(step)
     model.eval()
+    for capture in (trained, reference):
+        if capture:
+            capture.handle.remove()
     return step
 
 
@@ -650,6 +666,57 @@ def _anchor_loss(original: torch.nn.Module, embeddings: torch.Tensor, blanked: t
     with torch.no_grad():
         reference = F.normalize(original.encode_image(blanked), dim=-1)  # type: ignore[operator]
     return (1 - (embeddings * reference).sum(dim=-1)).mean()
+
+
+@dataclass
+class _BlockCapture:
+    """The latest output of one image-tower block, batch first, kept by a forward hook."""
+
+    handle: Any  # the hook's RemovableHandle
+    latest: torch.Tensor | None = None
+
+
+def _capture_block(model: torch.nn.Module, blocks: int | None) -> _BlockCapture | None:
+    """Hook the output of the image tower's block `blocks`, the last that `_is_early` trains (a
+    ViT's transformer block, (B, L, D); a ModifiedResNet's residual stage, (B, C, H, W)).
+    None when the whole tower trains (`blocks` None) or the tower has no such block."""
+    import torch
+
+    visual = getattr(model, "visual", None)
+    if blocks is None or blocks < 1 or visual is None:
+        return None
+    transformer = getattr(visual, "transformer", None)
+    if transformer is not None:
+        resblocks = getattr(transformer, "resblocks", ())
+        module = resblocks[blocks - 1] if blocks <= len(resblocks) else None
+        batch_first = getattr(transformer, "batch_first", True)
+    else:
+        module, batch_first = getattr(visual, f"layer{blocks}", None), True
+    if not isinstance(module, torch.nn.Module):
+        return None
+    capture = _BlockCapture(handle=None)
+
+    def keep(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
+        capture.latest = output if batch_first else output.transpose(0, 1)
+
+    capture.handle = module.register_forward_hook(keep)
+    return capture
+
+
+def _feature_loss(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Squared error of the repaired model's block outputs `features` against the original's
+    `reference` on the trigger-free twins (same shape, float32), relative to the reference's
+    mean square: a scalar tensor, 0 when they match, 1 when the features are all zero.
+
+    Why one step earlier than the embedding: only the first blocks train and the rest are
+    frozen, so the repair's whole job is to make these outputs for an image with the trigger
+    what the original's are without it, and leave them as they were elsewhere. The embedding
+    anchor sees that only through the frozen rest of the tower, one vector per image; here every
+    position and channel is held. On the tuning weak noise ResNet of the matrix the repair with
+    it lost 0.9 points of clean accuracy on 1,800 test images (0.854 -> 0.845, attack success
+    0.017), against 3.0 without it (0.824, 0.024).
+    """
+    return ((features - reference) ** 2).mean() / (reference**2).mean().clamp_min(1e-12)
 
 
 def _freeze_batch_norm(model: torch.nn.Module) -> None:
