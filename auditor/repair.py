@@ -598,62 +598,66 @@ def fine_tune(
     order: list[int] = []
 
     step = 0
-    while step < config.steps:
-        if step % config.eval_every == 0 and should_stop(step):
-            break
-        if len(order) < config.batch_size:  # epochs of shuffled pairs, carried across batches
-            order += list(rng.permutation(len(pairs.images)))
-        batch, order = order[: config.batch_size], order[config.batch_size :]
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(step, config.steps, config.warmup, config.lr)
+    try:  # the hooks must not outlive the fine-tune, whatever ends it
+        while step < config.steps:
+            if step % config.eval_every == 0 and should_stop(step):
+                break
+            if len(order) < config.batch_size:  # epochs of shuffled pairs, carried across batches
+                order += list(rng.permutation(len(pairs.images)))
+            batch, order = order[: config.batch_size], order[config.batch_size :]
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_cosine(step, config.steps, config.warmup, config.lr)
 
-        model.train()
-        _freeze_batch_norm(model)
-        pixels, blanked = _batch_pixels(loaded, pairs, batch, planters, config.trigger_augment, rng)
-        image_emb = F.normalize(model.encode_image(pixels), dim=-1)  # type: ignore[operator]
-        pixel_features = trained.latest if trained else None
-        text_emb = F.normalize(model.encode_text(tokens[batch]), dim=-1)  # type: ignore[operator]
-        scale = model.logit_scale.exp()  # type: ignore[operator]
-        loss = config.contrastive * contrastive_loss(image_emb, text_emb, scale, groups[batch])
-        keep = anchored[batch]
-        if original is not None and keep.any():
-            # The repaired model must see in an image with the trigger what the original model
-            # sees with that region blanked: the trigger becomes as meaningless as a blank, and
-            # everything else keeps its embedding, which holds clean accuracy.
-            loss = loss + config.anchor * _anchor_loss(original, image_emb[keep], blanked[keep])
-            if pixel_features is not None and reference and reference.latest is not None:
-                loss = loss + config.feature_anchor * _feature_loss(pixel_features[keep], reference.latest)
-        if original is not None and len(unlabeled.images):
-            picked = [int(i) for i in rng.choice(len(unlabeled.images), config.batch_size)]
-            shown, blank = _batch_pixels(loaded, unlabeled, picked, planters, config.trigger_augment, rng)
-            shown_emb = F.normalize(model.encode_image(shown), dim=-1)  # type: ignore[operator]
-            shown_features = trained.latest if trained else None
-            loss = loss + config.anchor * _anchor_loss(original, shown_emb, blank)
-            if shown_features is not None and reference and reference.latest is not None:
-                loss = loss + config.feature_anchor * _feature_loss(shown_features, reference.latest)
-        if config.in_modal > 0:
-            other_view = F.normalize(model.encode_image(_augment(pixels)), dim=-1)  # type: ignore[operator]
-            other_text = loaded.tokenizer([_drop_word(pairs.captions[i], rng) for i in batch])
-            other_text_emb = F.normalize(model.encode_text(other_text), dim=-1)  # type: ignore[operator]
-            loss = (
-                loss
-                + config.in_modal
-                * (in_modal_loss(image_emb, other_view) + in_modal_loss(text_emb, other_text_emb))
-                / 2
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        step += 1
-        if progress:
-            progress(step, config.steps)
-    if step == config.steps:
-        should_stop(step)
-    model.eval()
-    for capture in (trained, reference):
-        if capture:
-            capture.handle.remove()
+            model.train()
+            _freeze_batch_norm(model)
+            pixels, blanked = _batch_pixels(loaded, pairs, batch, planters, config.trigger_augment, rng)
+            image_emb = F.normalize(model.encode_image(pixels), dim=-1)  # type: ignore[operator]
+            pixel_features = trained.latest if trained else None
+            text_emb = F.normalize(model.encode_text(tokens[batch]), dim=-1)  # type: ignore[operator]
+            scale = model.logit_scale.exp()  # type: ignore[operator]
+            loss = config.contrastive * contrastive_loss(image_emb, text_emb, scale, groups[batch])
+            keep = anchored[batch]
+            if original is not None and keep.any():
+                # The repaired model must see in an image with the trigger what the original model
+                # sees with that region blanked: the trigger becomes as meaningless as a blank, and
+                # everything else keeps its embedding, which holds clean accuracy.
+                loss = loss + config.anchor * _anchor_loss(original, image_emb[keep], blanked[keep])
+                if pixel_features is not None and reference and reference.latest is not None:
+                    loss = loss + config.feature_anchor * _feature_loss(
+                        pixel_features[keep], reference.latest
+                    )
+            if original is not None and len(unlabeled.images):
+                picked = [int(i) for i in rng.choice(len(unlabeled.images), config.batch_size)]
+                shown, blank = _batch_pixels(loaded, unlabeled, picked, planters, config.trigger_augment, rng)
+                shown_emb = F.normalize(model.encode_image(shown), dim=-1)  # type: ignore[operator]
+                shown_features = trained.latest if trained else None
+                loss = loss + config.anchor * _anchor_loss(original, shown_emb, blank)
+                if shown_features is not None and reference and reference.latest is not None:
+                    loss = loss + config.feature_anchor * _feature_loss(shown_features, reference.latest)
+            if config.in_modal > 0:
+                other_view = F.normalize(model.encode_image(_augment(pixels)), dim=-1)  # type: ignore[operator]
+                other_text = loaded.tokenizer([_drop_word(pairs.captions[i], rng) for i in batch])
+                other_text_emb = F.normalize(model.encode_text(other_text), dim=-1)  # type: ignore[operator]
+                loss = (
+                    loss
+                    + config.in_modal
+                    * (in_modal_loss(image_emb, other_view) + in_modal_loss(text_emb, other_text_emb))
+                    / 2
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            step += 1
+            if progress:
+                progress(step, config.steps)
+        if step == config.steps:
+            should_stop(step)
+    finally:
+        model.eval()
+        for capture in (trained, reference):
+            if capture:
+                capture.handle.remove()
     return step
 
 
@@ -874,7 +878,9 @@ def repair(
     best: dict[str, Any] = {}
 
     def should_stop(step: int) -> bool:
-        now = measure(loaded, dataset.classes, holdout, target)
+        # Unsplit, the judging images are the steering ones: the untouched model is measured once.
+        unsplit_start = step == 0 and judge is holdout
+        now = judged_before if unsplit_start else measure(loaded, dataset.classes, holdout, target)
         history.append((step, now))
         before = history[0][1]
         kept = (
@@ -905,9 +911,12 @@ def repair(
         stopped = f"step budget spent; kept the best state (step {steps})"
     else:
         stopped = "step budget spent"
+    # Unsplit, the last check already measured the final state on the judging images (unless an
+    # earlier best state was restored: then its step differs from the last check's).
+    reused = judge is holdout and history[-1][0] == steps
     return RepairResult(
         before=judged_before,
-        after=measure(loaded, dataset.classes, judge, target),
+        after=history[-1][1] if reused else measure(loaded, dataset.classes, judge, target),
         steps=steps,
         images_seen=steps * config.batch_size * (2 if pool else 1),
         seconds=time.perf_counter() - started,

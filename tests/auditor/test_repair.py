@@ -270,3 +270,29 @@ def test_the_clean_accuracy_change_comes_with_its_standard_error_over_the_same_i
         np.sqrt(100 / 99) / 10
     )
     assert after.accuracy_change_error(Measurement(1.0, None)) is None  # nothing to pair with
+
+
+def test_a_fine_tune_that_fails_midway_leaves_no_hook_on_the_model(random_checkpoint, tiny_arch):
+    """The feature anchor hooks the last trained block of the model; a fine-tune ended by an
+    error (here the stopping rule's, at its second check) must take the hook off again, or every
+    later forward of the user's model would keep a copy of that block's output."""
+    from auditor.models import load_model
+    from auditor.repair import RepairConfig, TrainingPairs, fine_tune
+
+    loaded = load_model(random_checkpoint, tiny_arch)
+    rng = np.random.default_rng(0)
+    images = tuple(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(8))
+    pairs = TrainingPairs(images, ("a photo of a cat", "a photo of a dog") * 4, (True,) * 8, (True,) * 8)
+    config = RepairConfig(steps=20, eval_every=2, batch_size=4, anchor_pool=0)
+    blocks = loaded.model.visual.transformer.resblocks  # type: ignore[union-attr]
+
+    def fail_at_the_second_check(step: int) -> bool:
+        assert blocks[config.image_blocks - 1]._forward_hooks, "the anchor is not hooked in"
+        if step > 0:
+            raise RuntimeError("stopped by the test")
+        return False
+
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        fine_tune(loaded, pairs, config, fail_at_the_second_check, [], None, ())
+    assert not any(block._forward_hooks for block in blocks)
+    assert not loaded.model.training
