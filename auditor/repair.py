@@ -621,19 +621,16 @@ def fine_tune(
                 # The repaired model must see in an image with the trigger what the original model
                 # sees with that region blanked: the trigger becomes as meaningless as a blank, and
                 # everything else keeps its embedding, which holds clean accuracy.
-                loss = loss + config.anchor * _anchor_loss(original, image_emb[keep], blanked[keep])
-                if pixel_features is not None and reference and reference.latest is not None:
-                    loss = loss + config.feature_anchor * _feature_loss(
-                        pixel_features[keep], reference.latest
-                    )
+                features = pixel_features[keep] if pixel_features is not None else None
+                loss = _add_anchors(
+                    loss, config, original, image_emb[keep], blanked[keep], features, reference
+                )
             if original is not None and len(unlabeled.images):
                 picked = [int(i) for i in rng.choice(len(unlabeled.images), config.batch_size)]
                 shown, blank = _batch_pixels(loaded, unlabeled, picked, planters, config.trigger_augment, rng)
                 shown_emb = F.normalize(model.encode_image(shown), dim=-1)  # type: ignore[operator]
                 shown_features = trained.latest if trained else None
-                loss = loss + config.anchor * _anchor_loss(original, shown_emb, blank)
-                if shown_features is not None and reference and reference.latest is not None:
-                    loss = loss + config.feature_anchor * _feature_loss(shown_features, reference.latest)
+                loss = _add_anchors(loss, config, original, shown_emb, blank, shown_features, reference)
             if config.in_modal > 0:
                 other_view = F.normalize(model.encode_image(_augment(pixels)), dim=-1)  # type: ignore[operator]
                 other_text = loaded.tokenizer([_drop_word(pairs.captions[i], rng) for i in batch])
@@ -659,6 +656,25 @@ def fine_tune(
             if capture:
                 capture.handle.remove()
     return step
+
+
+def _add_anchors(
+    loss: torch.Tensor,
+    config: RepairConfig,
+    original: torch.nn.Module,
+    embeddings: torch.Tensor,
+    blanked: torch.Tensor,
+    features: torch.Tensor | None,
+    reference: _BlockCapture | None,
+) -> torch.Tensor:
+    """`loss` plus the embedding anchor of unit `embeddings` (B, D) and, when a block is hooked,
+    the feature anchor of its outputs `features` (batch first). The original's forward on
+    `blanked` (B, 3, S, S) inside `_anchor_loss` is what fills `reference.latest`, so the feature
+    term must come after it."""
+    loss = loss + config.anchor * _anchor_loss(original, embeddings, blanked)
+    if features is not None and reference is not None and reference.latest is not None:
+        loss = loss + config.feature_anchor * _feature_loss(features, reference.latest)
+    return loss
 
 
 def _anchor_loss(original: torch.nn.Module, embeddings: torch.Tensor, blanked: torch.Tensor) -> torch.Tensor:
