@@ -577,7 +577,7 @@ def fine_tune(
     import torch
     import torch.nn.functional as F
 
-    from auditor.losses import contrastive_loss, in_modal_loss, warmup_cosine
+    from auditor.losses import contrastive_loss, warmup_cosine
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -587,17 +587,12 @@ def fine_tune(
     groups_of = {caption: i for i, caption in enumerate(sorted(set(pairs.captions)))}
     groups = torch.tensor([groups_of[c] for c in pairs.captions])
     tokens = loaded.tokenizer(list(pairs.captions))
-    # A frozen copy of the model as it came: the anchor's reference.
-    original = copy.deepcopy(model).eval().requires_grad_(False) if config.anchor > 0 else None
     anchored = torch.tensor(pairs.trigger_free)
-    # The last trained block's outputs, captured on each forward of the model and the original.
-    blocks = config.image_blocks if config.feature_anchor > 0 and config.towers != "text" else None
-    trained = _capture_block(model, blocks) if original is not None else None
-    reference = _capture_block(original, blocks) if original is not None and trained else None
     unlabeled = TrainingPairs.unlabeled(pool)
     order: list[int] = []
 
     step = 0
+    anchor = _Anchor.of(model, config)
     try:  # the hooks must not outlive the fine-tune, whatever ends it
         while step < config.steps:
             if step % config.eval_every == 0 and should_stop(step):
@@ -612,35 +607,26 @@ def fine_tune(
             _freeze_batch_norm(model)
             pixels, blanked = _batch_pixels(loaded, pairs, batch, planters, config.trigger_augment, rng)
             image_emb = F.normalize(model.encode_image(pixels), dim=-1)  # type: ignore[operator]
-            pixel_features = trained.latest if trained else None
+            pixel_features = anchor.features() if anchor else None
             text_emb = F.normalize(model.encode_text(tokens[batch]), dim=-1)  # type: ignore[operator]
             scale = model.logit_scale.exp()  # type: ignore[operator]
             loss = config.contrastive * contrastive_loss(image_emb, text_emb, scale, groups[batch])
             keep = anchored[batch]
-            if original is not None and keep.any():
+            if anchor and keep.any():
                 # The repaired model must see in an image with the trigger what the original model
                 # sees with that region blanked: the trigger becomes as meaningless as a blank, and
                 # everything else keeps its embedding, which holds clean accuracy.
                 features = pixel_features[keep] if pixel_features is not None else None
-                loss = _add_anchors(
-                    loss, config, original, image_emb[keep], blanked[keep], features, reference
-                )
-            if original is not None and len(unlabeled.images):
+                loss = anchor.added_to(loss, config, image_emb[keep], blanked[keep], features)
+            if anchor and len(unlabeled.images):
                 picked = [int(i) for i in rng.choice(len(unlabeled.images), config.batch_size)]
                 shown, blank = _batch_pixels(loaded, unlabeled, picked, planters, config.trigger_augment, rng)
                 shown_emb = F.normalize(model.encode_image(shown), dim=-1)  # type: ignore[operator]
-                shown_features = trained.latest if trained else None
-                loss = _add_anchors(loss, config, original, shown_emb, blank, shown_features, reference)
+                loss = anchor.added_to(loss, config, shown_emb, blank, anchor.features())
             if config.in_modal > 0:
-                other_view = F.normalize(model.encode_image(_augment(pixels)), dim=-1)  # type: ignore[operator]
-                other_text = loaded.tokenizer([_drop_word(pairs.captions[i], rng) for i in batch])
-                other_text_emb = F.normalize(model.encode_text(other_text), dim=-1)  # type: ignore[operator]
-                loss = (
-                    loss
-                    + config.in_modal
-                    * (in_modal_loss(image_emb, other_view) + in_modal_loss(text_emb, other_text_emb))
-                    / 2
-                )
+                captions = [pairs.captions[i] for i in batch]
+                terms = _in_modal_terms(loaded, pixels, image_emb, text_emb, captions, rng)
+                loss = loss + config.in_modal * terms / 2
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -652,29 +638,79 @@ def fine_tune(
             should_stop(step)
     finally:
         model.eval()
-        for capture in (trained, reference):
-            if capture:
-                capture.handle.remove()
+        if anchor:
+            anchor.release()
     return step
 
 
-def _add_anchors(
-    loss: torch.Tensor,
-    config: RepairConfig,
-    original: torch.nn.Module,
-    embeddings: torch.Tensor,
-    blanked: torch.Tensor,
-    features: torch.Tensor | None,
-    reference: _BlockCapture | None,
+def _in_modal_terms(
+    loaded: LoadedModel,
+    pixels: torch.Tensor,
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    captions: Sequence[str],
+    rng: np.random.Generator,
 ) -> torch.Tensor:
-    """`loss` plus the embedding anchor of unit `embeddings` (B, D) and, when a block is hooked,
-    the feature anchor of its outputs `features` (batch first). The original's forward on
-    `blanked` (B, 3, S, S) inside `_anchor_loss` is what fills `reference.latest`, so the feature
-    term must come after it."""
-    loss = loss + config.anchor * _anchor_loss(original, embeddings, blanked)
-    if features is not None and reference is not None and reference.latest is not None:
-        loss = loss + config.feature_anchor * _feature_loss(features, reference.latest)
-    return loss
+    """CleanCLIP's in-modal term: each image's unit embedding (B, D) against that of an augmented
+    view of its `pixels` (B, 3, S, S), each caption's against the caption with a word dropped;
+    the sum of the two, a scalar tensor (the caller halves it, as it always has)."""
+    import torch.nn.functional as F
+
+    from auditor.losses import in_modal_loss
+
+    model = loaded.model
+    other_view = F.normalize(model.encode_image(_augment(pixels)), dim=-1)  # type: ignore[operator]
+    other_text = loaded.tokenizer([_drop_word(caption, rng) for caption in captions])
+    other_text_emb = F.normalize(model.encode_text(other_text), dim=-1)  # type: ignore[operator]
+    return in_modal_loss(image_emb, other_view) + in_modal_loss(text_emb, other_text_emb)
+
+
+@dataclass
+class _Anchor:
+    """What the anchors hold the fine-tuned model to: a frozen copy of the model as it came, and
+    hooks on the last trained image block of both (`_capture_block`; None when the feature
+    anchor is off or the tower has no such block)."""
+
+    original: torch.nn.Module
+    trained: _BlockCapture | None
+    reference: _BlockCapture | None
+
+    @staticmethod
+    def of(model: torch.nn.Module, config: RepairConfig) -> _Anchor | None:
+        """The anchor for `model` before it trains; None when `config.anchor` is off."""
+        if config.anchor <= 0:
+            return None
+        original = copy.deepcopy(model).eval().requires_grad_(False)
+        blocks = config.image_blocks if config.feature_anchor > 0 and config.towers != "text" else None
+        trained = _capture_block(model, blocks)
+        return _Anchor(original, trained, _capture_block(original, blocks) if trained else None)
+
+    def features(self) -> torch.Tensor | None:
+        """The trained block's output from the fine-tuned model's latest image forward."""
+        return self.trained.latest if self.trained else None
+
+    def added_to(
+        self,
+        loss: torch.Tensor,
+        config: RepairConfig,
+        embeddings: torch.Tensor,
+        blanked: torch.Tensor,
+        features: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`loss` plus the embedding anchor of unit `embeddings` (B, D) against the original's of
+        `blanked` (B, 3, S, S) and, when a block is hooked, the feature anchor of its outputs
+        `features` (batch first): a scalar tensor. The original's forward inside `_anchor_loss` is
+        what fills `reference.latest`, so the feature term must come after it."""
+        loss = loss + config.anchor * _anchor_loss(self.original, embeddings, blanked)
+        if features is not None and self.reference is not None and self.reference.latest is not None:
+            loss = loss + config.feature_anchor * _feature_loss(features, self.reference.latest)
+        return loss
+
+    def release(self) -> None:
+        """Take the hooks off both models."""
+        for capture in (self.trained, self.reference):
+            if capture:
+                capture.handle.remove()
 
 
 def _anchor_loss(original: torch.nn.Module, embeddings: torch.Tensor, blanked: torch.Tensor) -> torch.Tensor:
