@@ -1,8 +1,9 @@
 """`auditor.repair`: remove a found backdoor by fine-tuning on the scan's compact set (DESIGN §4).
 
 Inputs are what `scan --out DIR` wrote: report.json, compact/ (images + pairs.csv) and
-trigger.png. The fine-tune is one loop (`fine_tune`) in PyTorch: CLIP's contrastive loss on
-the compact pairs, optionally CleanCLIP's in-modal term, AdamW with warm-up and cosine decay.
+trigger.png. The fine-tune is one loop (`fine_tune`) in PyTorch: the anchors below (and CLIP's
+contrastive loss on the compact pairs when a text tower trains, or when asked), optionally
+CleanCLIP's in-modal term, AdamW with warm-up and cosine decay.
 While it trains, the recovered trigger is put into clean pairs (a patch at the places the scan
 saw it, a non-localized overlay added, an inverted stamp blended in; their captions unchanged),
 so the model keeps being shown that the trigger means nothing.
@@ -71,7 +72,8 @@ class RepairConfig:
     image_blocks: int | None = 2  # of the image tower, train only the first N blocks / stages (None: all)
     in_modal: float = 0.0  # weight of CleanCLIP's in-modal self-supervised term (0 = off)
     trigger_augment: float = 0.8  # chance that a clean pair is shown with the trigger pasted in
-    contrastive: float = 1.0  # weight of CLIP's contrastive loss on the pairs
+    # Weight of CLIP's contrastive loss on the pairs; None: `contrastive_weight` decides.
+    contrastive: float | None = None
     anchor: float = 10.0  # weight of the pull towards the original model's trigger-free embeddings
     # Data images the anchor also runs on, a batch of them per step (0: the compact pairs only);
     # see `anchor_pool`.
@@ -88,6 +90,22 @@ class RepairConfig:
     # it never reads, give the before / after figures.
     holdout: int = 512
     seed: int = 0
+
+    def contrastive_weight(self) -> float:
+        """`contrastive` when set; else 0 when only the image tower trains under the anchors, and 1
+        when a text tower trains (no anchor reaches it, so the captions are all it learns from).
+
+        Why 0: the anchors already say everything the repair has to do (an image with the trigger
+        must look like the original model's view of it without; every other image as it was).
+        The contrastive term adds a pull towards the captions of a few dozen compact pairs, which
+        moves the class geometry of every image. On the tuning weak ResNets of the matrix (1,800
+        test scenes) dropping it cut the share of changed predictions from 6.9 / 10.9 % to
+        6.2 / 9.3 % (noise / blocks) and the clean-accuracy loss from 0.9 / 1.3 to 0.5 / 0.1
+        points, attack success ≤ 0.017 (docs/design.md, "Loss").
+        """
+        if self.contrastive is not None:
+            return self.contrastive
+        return 0.0 if self.towers == "image" and self.anchor > 0 else 1.0
 
 
 @dataclass(frozen=True)
@@ -588,6 +606,7 @@ def fine_tune(
     groups = torch.tensor([groups_of[c] for c in pairs.captions])
     tokens = loaded.tokenizer(list(pairs.captions))
     anchored = torch.tensor(pairs.trigger_free)
+    contrastive = config.contrastive_weight()
     unlabeled = TrainingPairs.unlabeled(pool)
     order: list[int] = []
 
@@ -608,9 +627,12 @@ def fine_tune(
             pixels, blanked = _batch_pixels(loaded, pairs, batch, planters, config.trigger_augment, rng)
             image_emb = F.normalize(model.encode_image(pixels), dim=-1)  # type: ignore[operator]
             pixel_features = anchor.features() if anchor else None
-            text_emb = F.normalize(model.encode_text(tokens[batch]), dim=-1)  # type: ignore[operator]
-            scale = model.logit_scale.exp()  # type: ignore[operator]
-            loss = config.contrastive * contrastive_loss(image_emb, text_emb, scale, groups[batch])
+            loss = image_emb.sum() * 0.0  # a batch of unanchored pairs alone still has a graph
+            if contrastive > 0 or config.in_modal > 0:
+                text_emb = F.normalize(model.encode_text(tokens[batch]), dim=-1)  # type: ignore[operator]
+            if contrastive > 0:
+                scale = model.logit_scale.exp()  # type: ignore[operator]
+                loss = loss + contrastive * contrastive_loss(image_emb, text_emb, scale, groups[batch])
             keep = anchored[batch]
             if anchor and keep.any():
                 # The repaired model must see in an image with the trigger what the original model

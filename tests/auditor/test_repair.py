@@ -7,6 +7,7 @@ saw; the compact set's size is checked against the scan data's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -296,3 +297,36 @@ def test_a_fine_tune_that_fails_midway_leaves_no_hook_on_the_model(random_checkp
         fine_tune(loaded, pairs, config, fail_at_the_second_check, [], None, ())
     assert not any(block._forward_hooks for block in blocks)
     assert not loaded.model.training
+
+
+def test_captions_train_a_text_tower_and_stay_out_of_an_anchored_image_tower(random_checkpoint, tiny_arch):
+    """Only the image tower trains by default, and the anchors alone steer it (no contrastive
+    term: `RepairConfig.contrastive_weight`); a text tower has no anchor, so it learns from the
+    captions. Pairs without a trigger-free twin give the anchors nothing: a step over only those
+    must run (a graph with no loss in it) and move no weight."""
+    from auditor.models import load_model
+    from auditor.repair import RepairConfig, TrainingPairs, fine_tune
+
+    rng = np.random.default_rng(0)
+    images = tuple(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(8))
+    captions = ("a photo of a cat", "a photo of a dog") * 4
+
+    def weights_after(towers: str, anchored: bool, decay: float = 0.1) -> tuple[dict, dict]:
+        loaded = load_model(random_checkpoint, tiny_arch)
+        before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+        pairs = TrainingPairs(images, captions, (False,) * 8, (anchored,) * 8)
+        config = RepairConfig(steps=6, eval_every=100, batch_size=4, anchor_pool=0, warmup=1, towers=towers)
+        config = dataclasses.replace(config, weight_decay=decay)
+        fine_tune(loaded, pairs, config, lambda step: False, [], None, ())
+        return before, loaded.model.state_dict()
+
+    def moved(before: dict, after: dict, prefix: str) -> bool:
+        return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix))
+
+    assert RepairConfig().contrastive_weight() == 0.0
+    assert RepairConfig(towers="text").contrastive_weight() == 1.0
+    before, after = weights_after("text", anchored=True)
+    assert moved(before, after, "transformer.") and not moved(before, after, "visual.")
+    # AdamW's decay shrinks every trained weight whatever the loss: without it, nothing moves.
+    before, after = weights_after("image", anchored=False, decay=0.0)
+    assert not moved(before, after, "")
