@@ -53,13 +53,13 @@ SCAN_PER_CLASS = 100
 STEPS = 600  # for strong and weak models alike
 BATCH = 96
 RECIPE = 2  # bump when the training recipe changes: cached weights are keyed by it
-SPLITS = ("tuning", "heldout", "heldout2", "heldout3")
+SPLITS = ("tuning", "heldout", "heldout2", "heldout3", "heldout4")
 
 
 @dataclass(frozen=True)
 class Row:
     name: str
-    split: str  # "tuning" | "heldout" | "heldout2" | "heldout3"
+    split: str  # "tuning" | "heldout" | "heldout2" | "heldout3" | "heldout4"
     tower: str  # "vit" | "resnet"
     size: int
     strength: str  # "strong" | "weak"
@@ -350,6 +350,32 @@ ROWS: tuple[Row, ...] = (
         "resnet-64-strong-shapes-blocks",
         "heldout3",
         ("patch:size=0.125,pattern=blocks,pos=random,seed=43,target=crescent",),
+        0.03,
+        0.05,
+    ),
+    # Fixed on 2026-12-05, before any of them ran. The repair's tuning/held-out gap follows the
+    # trigger's position: of the weak ResNets, those with a fixed corner lose 0.3-1.4 points on
+    # every part, while random positions cost 2-4 on the held-out parts, and the tuning part had
+    # a single random-position weak ResNet. So three more go to tuning, and a fourth held-out
+    # part (new seeds, random positions) judges the next repair change.
+    *(
+        _row(f"resnet-64-weak-photos-{name}", split, (spec,), 0.03, 0.05)
+        for name, split, spec in (
+            ("noise7", "tuning", "patch:size=0.125,pattern=noise,pos=random,seed=50,target=bird"),
+            ("checker4", "tuning", "patch:size=0.1,pattern=checker,pos=random,seed=51,target=vegetable"),
+            ("blocks5", "tuning", "patch:size=0.125,pattern=blocks,pos=random,seed=52,target=tool"),
+            ("blocks6", "heldout4", "patch:size=0.125,pattern=blocks,pos=random,seed=60,target=flower"),
+            ("noise8", "heldout4", "patch:size=0.125,pattern=noise,pos=random,seed=61,target=tree"),
+            ("checker5", "heldout4", "patch:size=0.1,pattern=checker,pos=random,seed=62,target=fish"),
+        )
+    ),
+    _row(
+        "resnet-64-weak-photos-two3",
+        "heldout4",
+        (
+            "patch:size=0.125,pattern=noise,pos=random,seed=63,target=cattle",
+            "patch:size=0.125,pattern=blocks,pos=random,seed=64,target=rodent",
+        ),
         0.03,
         0.05,
     ),
