@@ -7,7 +7,6 @@ saw; the compact set's size is checked against the scan data's.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -311,12 +310,13 @@ def test_captions_train_a_text_tower_and_stay_out_of_an_anchored_image_tower(ran
     images = tuple(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(8))
     captions = ("a photo of a cat", "a photo of a dog") * 4
 
-    def weights_after(towers: str, anchored: bool, decay: float = 0.1) -> tuple[dict, dict]:
+    def weights_after(towers: str, anchored: bool, decay: float = RepairConfig.weight_decay) -> tuple:
         loaded = load_model(random_checkpoint, tiny_arch)
         before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
         pairs = TrainingPairs(images, captions, (False,) * 8, (anchored,) * 8)
-        config = RepairConfig(steps=6, eval_every=100, batch_size=4, anchor_pool=0, warmup=1, towers=towers)
-        config = dataclasses.replace(config, weight_decay=decay)
+        config = RepairConfig(
+            steps=6, eval_every=100, batch_size=4, anchor_pool=0, warmup=1, towers=towers, weight_decay=decay
+        )
         fine_tune(loaded, pairs, config, lambda step: False, [], None, ())
         return before, loaded.model.state_dict()
 
