@@ -53,13 +53,13 @@ SCAN_PER_CLASS = 100
 STEPS = 600  # for strong and weak models alike
 BATCH = 96
 RECIPE = 2  # bump when the training recipe changes: cached weights are keyed by it
-SPLITS = ("tuning", "heldout", "heldout2", "heldout3", "heldout4")
+SPLITS = ("tuning", "heldout", "heldout2", "heldout3", "heldout4", "heldout5")
 
 
 @dataclass(frozen=True)
 class Row:
     name: str
-    split: str  # "tuning" | "heldout" | "heldout2" | "heldout3" | "heldout4"
+    split: str  # "tuning" or one of the held-out parts, "heldout" .. "heldout5"
     tower: str  # "vit" | "resnet"
     size: int
     strength: str  # "strong" | "weak"
@@ -378,6 +378,29 @@ ROWS: tuple[Row, ...] = (
         ),
         0.03,
         0.05,
+    ),
+    # Fixed on 2026-12-05 (session 24), before either ran. Neither warp row above took (attack
+    # success 0.03 and 0.01 at a mean displacement of 2 px on 64 px): a tiny CLIP trained from
+    # scratch did not learn so faint a warp from 3 % of its pairs, so the matrix measured no warp
+    # at all. These two warp three times as far (6 px on 64 px, still a smooth field with no
+    # patch to find), one on each side; heldout5 is new and judges only what it is run with.
+    _row("vit-64-strong-emoji-warp2", "tuning", ("warp:grid=4,strength=3.0,seed=70,target=dog",), 0.03, 0.05),
+    _row(
+        "resnet-64-strong-emoji-warp3",
+        "heldout5",
+        ("warp:grid=4,strength=3.0,seed=71,target=bird",),
+        0.03,
+        0.05,
+    ),
+    # Trained first: the ViT did not learn the 6-px warp either (0.04), the ResNet nearly did
+    # (0.47, under the 0.5 that counts as planted). Both stay, as measured; two ResNets with a
+    # 9-px warp (1.5x) are added, one on each side, fixed before either ran.
+    *(
+        _row(f"resnet-64-strong-emoji-{name}", split, (f"warp:grid=4,strength=4.5,{spec}",), 0.03, 0.05)
+        for name, split, spec in (
+            ("warp4", "tuning", "seed=72,target=cat"),
+            ("warp5", "heldout5", "seed=73,target=tree"),
+        )
     ),
     _row("vit-64-strong-emoji-clean", "tuning"),
     _row("resnet-64-weak-photos-clean", "tuning"),
