@@ -189,8 +189,8 @@ class Measurement:
 class RepairResult:
     before: Measurement
     after: Measurement
-    steps: int
-    images_seen: int
+    steps: int  # the step of the state written (a restored best state's, when the budget ran out)
+    images_seen: int  # over every step the loop ran, the anchor pool's batches included
     seconds: float
     stopped: str  # why the loop ended, in words
     compact_pairs: int
@@ -976,7 +976,7 @@ def repair(
 
     pairs = TrainingPairs.from_compact(outputs.compact)
     planters = [p for p in map(trigger_planter, outputs.targets()) if p is not None]
-    steps = fine_tune(loaded, pairs, config, should_stop, planters, progress, tuple(pool.values()))
+    steps = trained = fine_tune(loaded, pairs, config, should_stop, planters, progress, tuple(pool.values()))
     if steps < config.steps:
         stopped = f"trigger gone after {steps} steps"
     elif best and best["step"] != history[-1][0]:
@@ -992,7 +992,8 @@ def repair(
         before=judged_before,
         after=history[-1][1] if reused else measure(loaded, dataset.classes, judge, target),
         steps=steps,
-        images_seen=steps * config.batch_size * (2 if pool else 1),
+        # Every step the loop ran, also those after a restored best state: the cost of the repair.
+        images_seen=trained * config.batch_size * (2 if pool else 1),
         seconds=time.perf_counter() - started,
         stopped=stopped,
         compact_pairs=len(outputs.compact),
