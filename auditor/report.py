@@ -118,6 +118,43 @@ class RecoveredTriggerInfo:
 
 
 @dataclass(frozen=True)
+class WarpClassInfo:
+    """One class of the warp family: its field's held-out success (hits of trials) and index."""
+
+    label: str
+    success: float
+    hits: int
+    trials: int
+    index: float
+
+
+@dataclass(frozen=True)
+class WarpFamilyInfo:
+    """The model-level warp search (additive in schema v1): a smooth whole-image displacement of
+    `displacement` pixels on average, optimized per class; `flagged`: the outlying classes,
+    reported as suspects (a warp is never confirmed by this search)."""
+
+    displacement: float
+    threshold: float
+    complete: bool
+    steps: int
+    seconds: float
+    per_class: tuple[WarpClassInfo, ...] = ()
+    flagged: tuple[str, ...] = ()
+    examples: str | None = None  # PNG strip of held-out images warped towards the first flagged class
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> WarpFamilyInfo:
+        return cls(
+            **{
+                **raw,
+                "per_class": tuple(WarpClassInfo(**c) for c in raw.get("per_class", ())),
+                "flagged": tuple(raw.get("flagged", ())),
+            }
+        )
+
+
+@dataclass(frozen=True)
 class InversionInfo:
     """The model-level stage (additive in schema v1): whether it ran, what it covered and found.
 
@@ -143,6 +180,7 @@ class InversionInfo:
     seconds: dict[str, float] = field(default_factory=dict)
     passes: dict[str, int] = field(default_factory=dict)
     images: dict[str, int] = field(default_factory=dict)
+    warp: WarpFamilyInfo | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))  # tuples as lists, as the JSON reads back
@@ -155,6 +193,7 @@ class InversionInfo:
                 "searched": tuple(raw.get("searched", ())),
                 "per_class": tuple(SearchedClassInfo(**c) for c in raw.get("per_class", ())),
                 "recovered": tuple(RecoveredTriggerInfo(**r) for r in raw.get("recovered", ())),
+                "warp": WarpFamilyInfo.from_dict(raw["warp"]) if raw.get("warp") else None,
             }
         )
 
@@ -531,6 +570,14 @@ def render_html(report: Report, images: dict[str, str] | None = None) -> str:
                 f"<b>{esc(r.label)}</b>: {'confirmed' if r.confirmed else 'not confirmed'}, index "
                 f"{r.index:.2f}, held-out success {r.holdout_success:.2f}, mask {r.area:.2%} of the image"
                 "</figcaption></figure>"
+            )
+        warp = inversion.warp
+        if warp is not None and warp.examples:
+            figures.append(
+                f"<figure style='width:auto'><img style='height:128px;width:auto' "
+                f"src='{images.get(warp.examples, '')}' alt='warped'><figcaption>held-out images warped "
+                f"towards <b>{esc(warp.flagged[0])}</b> ({warp.displacement:.1f} px mean displacement): "
+                "a suspect</figcaption></figure>"
             )
         searched = f"<h2>Model-level search</h2><p>{esc(inversion.summary)}</p>{''.join(figures)}"
     findings = "".join(

@@ -707,6 +707,20 @@ def judge(report: dict[str, Any], truth: dict[str, Any], flipped: list[str] | No
         "oracle_share": round(report["cost"]["oracle_images"] / max(1, report["data"]["images"]), 4),
         "seconds": report["cost"]["seconds"],
         "failures": len(report.get("failures", [])),
+        **_warp_record(report),
+    }
+
+
+def _warp_record(report: dict[str, Any]) -> dict[str, Any]:
+    """The model-level warp family's outcome, when it ran: flagged classes, top index, steps."""
+    warp = (report.get("inversion") or {}).get("warp")
+    if not warp:
+        return {}
+    top = warp["per_class"][0] if warp["per_class"] else None
+    return {
+        "warp_flagged": warp["flagged"],
+        "warp_top": None if top is None else [top["label"], top["index"], top["success"]],
+        "warp_complete": warp["complete"],
     }
 
 
@@ -848,6 +862,7 @@ def model_only(row: Row, folder: Path, model_path: Path, work: Path, repair: boo
         "data_pass_seconds": round(data_seconds, 1),
         "wall_seconds": round(seconds, 1),
         "default_budget": default,
+        **_warp_record(report),
     }
 
 
@@ -904,6 +919,7 @@ def _default_budget(
         "targets_found": found,
         "targets_right": bool(targets) and set(found) == targets,
         "wall_seconds": round(seconds, 1),
+        **_warp_record(report),
     }
 
 
@@ -1051,6 +1067,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 nonlocal_, lambda r: r["verdict"] == "clean" and not r["suspected"]
             ),
             "clean_false_backdoor": share(clean, lambda r: r["verdict"] == "backdoor"),
+            # A class the model-level warp search flags on a clean model: a false suspect (not a
+            # false backdoor: the warp family never confirms). Rows it did not run on count as 0.
+            "clean_warp_flagged": share(clean, lambda r: r.get("warp_flagged")),
             "clean_victims_over_1pct": share(clean, lambda r: r["victim_share_of_images"] > 0.01),
             "repair_ok": share(repaired, repair_ok),
             "oracle_share_max": max((r["oracle_share"] for r in part), default=None),
@@ -1160,7 +1179,8 @@ def _model_only_lines(body: dict[str, Any]) -> list[str]:
                     r["name"],
                     ", ".join(a.split("target=")[-1] for a in r["attacks"]) or "clean",
                     asr,
-                    m["verdict"],
+                    m["verdict"]
+                    + (f" · warp search: {', '.join(m['warp_flagged'])}" if m.get("warp_flagged") else ""),
                     ", ".join(m["targets_found"]) or "–",
                     ", ".join(m["top_classes"]),
                     f"{m['score']:.2f} / {m['threshold']:.2f}" if m["score"] is not None else "–",
@@ -1190,6 +1210,8 @@ def _cells(r: dict[str, Any]) -> list[str]:
     )
     wrong = (r["attacks"] and not planted(r)) or (bool(truth) != (r["verdict"] == "backdoor"))
     mark = " ✗" if wrong or (truth and not r["targets_right"]) else ""
+    if r.get("warp_flagged"):
+        verdict += f" · warp search: {', '.join(r['warp_flagged'])}"
     if r["attacks"] and not planted(r):
         verdict += " · not planted"
     repair = r.get("repair")

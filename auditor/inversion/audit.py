@@ -4,6 +4,9 @@
 2. Shortlist (vocabularies larger than `InversionConfig.max_classes`): one untargeted universal
    stamp, optimized to move every image away from its own prediction; the classes whose share
    of predictions grows most, plus a few random control classes, go on.
+3a. Warp family (`auditor.inversion.warp`), within `warp_share` of the budget: per searched
+   class, a smooth whole-image displacement of fixed size optimized towards it, and its
+   held-out success; outlying classes are suspects (a warp is never confirmed here).
 3. Per-class search (`auditor.inversion.search`): the smallest stamp for each searched class,
    on the audited model and, with a reference, on the reference, in `rounds` independent
    rounds (own seed, own batches). A class's value is the mean of its log areas over the
@@ -42,6 +45,7 @@ from auditor.inversion.search import (
     SearchConfig,
     search_triggers,
 )
+from auditor.inversion.warp import WarpConfig, WarpSearch, warp_family
 
 if TYPE_CHECKING:
     import torch
@@ -63,6 +67,10 @@ class InversionConfig:
     budget_seconds: float | None = None  # None: no limit; the search stops early at the limit
     rounds: int = 4  # independent searches per class, averaged (on the log scale)
     search: SearchConfig = field(default_factory=SearchConfig)
+    # The warp family runs first, on the same classes; None leaves it out. It may take at most
+    # `warp_share` of the budget, so that the stamps' search always keeps the rest.
+    warp: WarpConfig | None = field(default_factory=WarpConfig)
+    warp_share: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,8 @@ class Inversion:
     images: dict[str, int]  # {"search": n, "holdout": m}
     reference: bool
     examples: np.ndarray  # float32 (k, 3, S, S) in [0, 1]: a few held-out images, to show stamps on
+    # The warp family (`auditor.inversion.warp`); its outliers are suspects, never confirmed.
+    warp: WarpSearch | None = None
 
     @property
     def confirmed(self) -> tuple[RecoveredTrigger, ...]:
@@ -146,6 +156,9 @@ def invert(
     clock.counter.forward += len(search)
     classes = int(model.weights.shape[0])
     targets, covered = _targets(model, search_pixels, predicted, classes, config, clock)
+    warps = _warp_family(
+        model, search_pixels, predicted, holdout_pixels, predict, targets, config, clock, tick
+    )
     per_model = [model] + ([reference[0]] if reference else [])
     own = [predicted] + [_predict_torch(m, search_pixels, clock) for m in per_model[1:]]
     rounds, steps = _search_rounds(per_model, own, search_pixels, targets, config, clock, tick)
@@ -181,7 +194,42 @@ def invert(
         images={"search": len(search), "holdout": len(holdout)},
         reference=reference is not None,
         examples=holdout_pixels[:4].numpy(),
+        warp=warps,
     )
+
+
+def _warp_family(
+    model: DifferentiableModel,
+    pixels: torch.Tensor,
+    predicted: np.ndarray,
+    holdout: torch.Tensor,
+    predict: PredictFn,
+    targets: Sequence[int],
+    config: InversionConfig,
+    clock: _Clock,
+    tick: Callable[[str, int, int | None], None],
+) -> WarpSearch | None:
+    """The warp family on the searched classes, within `warp_share` of the budget left."""
+    if config.warp is None:
+        return None
+    t0 = time.monotonic()
+    deadline = None if clock.deadline is None else t0 + (clock.deadline - t0) * config.warp_share
+    warp_config = replace(config.warp, seed=config.search.seed)
+    found = warp_family(
+        model,
+        pixels,
+        predicted,
+        holdout,
+        predict,
+        targets,
+        warp_config,
+        config.alpha,
+        deadline,
+        clock.counter,
+        partial(tick, "model-level warp search", 1, warp_config.steps),
+    )
+    clock.seconds["warp search"] = time.monotonic() - t0
+    return found
 
 
 def _split(n: int, config: InversionConfig) -> tuple[np.ndarray, np.ndarray]:

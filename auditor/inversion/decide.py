@@ -26,6 +26,10 @@ per-class values are exchangeable draws from one normal distribution, the larges
 indices exceeds `max_index_threshold(n, alpha)` with probability alpha (5 % by default: one
 clean model in twenty has a class flagged, which the confirmation then has to reject). It is
 computed by simulation for the exact n.
+
+A per-class value measured with a known sampling error (the warp family's held-out success,
+`auditor.inversion.warp`) passes it as `noise`: the index's spread becomes
+sqrt(spread^2 + noise(c)^2). That can only lower an index, so the threshold stays valid.
 """
 
 from __future__ import annotations
@@ -38,20 +42,26 @@ import numpy as np
 NULL_DRAWS = 20_000
 
 
-def anomaly_indices(values: Mapping[int, float]) -> dict[int, float]:
-    """{class: leave-one-out robust index} of per-class log values (lower = more anomalous)."""
+def anomaly_indices(
+    values: Mapping[int, float], noise: Mapping[int, float] | None = None
+) -> dict[int, float]:
+    """{class: leave-one-out robust index} of per-class log values (lower = more anomalous);
+    `noise`: {class: standard error of its value}, added to the spread it is measured against."""
     keys = list(values)
     logs = np.array([values[k] for k in keys], np.float64)
     if len(logs) < 3:
         return {k: 0.0 for k in keys}
-    return {k: float(v) for k, v in zip(keys, _indices(logs[None, :])[0], strict=True)}
+    errors = None if noise is None else np.array([noise[k] for k in keys], np.float64)[None, :]
+    return {k: float(v) for k, v in zip(keys, _indices(logs[None, :], errors)[0], strict=True)}
 
 
-def _indices(logs: np.ndarray) -> np.ndarray:
+def _indices(logs: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
     """float64 (draws, n) values -> (draws, n) leave-one-out indices, vectorized over draws."""
     n = logs.shape[1]
     others = np.stack([np.delete(logs, i, axis=1) for i in range(n)], axis=1)  # (draws, n, n-1)
     spread = others.std(axis=2, ddof=1) * np.sqrt(1 + 1 / (n - 1))
+    if noise is not None:
+        spread = np.sqrt(spread**2 + noise**2)
     return (others.mean(axis=2) - logs) / np.maximum(spread, 1e-12)
 
 
@@ -64,15 +74,20 @@ def max_index_threshold(n: int, alpha: float = 0.05, seed: int = 0) -> float:
     return float(np.quantile(_indices(draws).max(axis=1), 1 - alpha))
 
 
-def outliers(values: Mapping[int, float], alpha: float = 0.05, most: int = 3) -> dict[int, float]:
+def outliers(
+    values: Mapping[int, float],
+    alpha: float = 0.05,
+    most: int = 3,
+    noise: Mapping[int, float] | None = None,
+) -> dict[int, float]:
     """{class: index} of the outlying classes, step-down, strongest first (at most `most`).
 
     Each is the most outlying of the classes left, with an index at or over the threshold for
-    their number; the test stops at the first that is not.
+    their number; the test stops at the first that is not. `noise` as in `anomaly_indices`.
     """
     left, found = dict(values), dict[int, float]()
     while len(left) >= 3 and len(found) < most:
-        indices = anomaly_indices(left)
+        indices = anomaly_indices(left, noise)
         top = max(indices, key=lambda k: indices[k])
         if indices[top] < max_index_threshold(len(left), alpha):
             break

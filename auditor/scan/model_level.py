@@ -19,6 +19,7 @@ import numpy as np
 from auditor.data import Dataset, ImageDecodeError
 from auditor.inversion.audit import Inversion, InversionConfig, PredictFn, invert
 from auditor.inversion.search import ClassTrigger, DifferentiableModel, SearchConfig, stamp_image
+from auditor.inversion.warp import WarpSearch
 from auditor.models import LoadedModel
 from auditor.report import (
     FindingInfo,
@@ -27,6 +28,8 @@ from auditor.report import (
     Report,
     SearchedClassInfo,
     TriggerInfo,
+    WarpClassInfo,
+    WarpFamilyInfo,
 )
 from auditor.scan.compact import CompactPair, caption
 from auditor.scan.context import Progress, ScanContext
@@ -178,14 +181,43 @@ def stamp_pictures(inversion: Inversion, classes: list[str]) -> dict[str, np.nda
         examples = inversion.examples.transpose(0, 2, 3, 1)  # (k, S, S, 3) in [0, 1]
         mask, pattern = trigger.mask[..., None], trigger.pattern.transpose(1, 2, 0)
         stamped = (1 - mask) * examples + mask * pattern
-        out[stamp_file(label, "-examples")] = (
-            (np.concatenate(list(stamped), axis=1) * 255).round().astype(np.uint8)
-        )
+        out[stamp_file(label, "-examples")] = _strip(stamped)
+    warps = inversion.warp
+    if warps is not None and warps.flagged:
+        out[warp_file(classes[warps.flagged[0]])] = _strip(_warped_examples(inversion))
     return out
 
 
+def _strip(images: np.ndarray) -> np.ndarray:
+    """float (k, S, S, 3) in [0, 1] -> uint8 (S, k S, 3), side by side."""
+    return (np.concatenate(list(images), axis=1) * 255).round().astype(np.uint8)
+
+
+def _warped_examples(inversion: Inversion) -> np.ndarray:
+    """float32 (k, S, S, 3): the held-out examples warped by the first flagged class's field."""
+    import torch
+
+    from auditor.inversion.warp import apply_warp
+
+    warps = inversion.warp
+    if warps is None or not warps.flagged:
+        return inversion.examples.transpose(0, 2, 3, 1)
+    first = next(c for c in warps.per_class if c.target == warps.flagged[0])
+    with torch.no_grad():
+        warped = apply_warp(torch.from_numpy(inversion.examples), torch.from_numpy(first.field)[None])
+    return warped.numpy().transpose(0, 2, 3, 1)
+
+
+def warp_file(label: str) -> str:
+    return f"warped-{_file_safe(label)}-examples.png"
+
+
 def stamp_file(label: str, suffix: str = "") -> str:
-    return "inverted-" + "".join(ch if ch.isalnum() else "-" for ch in label) + suffix + ".png"
+    return f"inverted-{_file_safe(label)}{suffix}.png"
+
+
+def _file_safe(label: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in label)
 
 
 def inversion_info(inversion: Inversion, classes: list[str], budget: float) -> InversionInfo:
@@ -238,9 +270,11 @@ def inversion_info(inversion: Inversion, classes: list[str], budget: float) -> I
             if top
             else ""
         )
+    warp = None if inversion.warp is None else _warp_info(inversion.warp, classes)
     return InversionInfo(
         ran=True,
-        summary=f"Model-level search over {covered}, {state}: {found}.",
+        summary=f"Model-level search over {covered}, {state}: {found}."
+        + ("" if warp is None else " " + _warp_summary(warp)),
         covered=inversion.covered,
         complete=inversion.complete,
         classes=inversion.classes,
@@ -258,6 +292,48 @@ def inversion_info(inversion: Inversion, classes: list[str], budget: float) -> I
         seconds=inversion.seconds,
         passes=inversion.passes,
         images=inversion.images,
+        warp=warp,
+    )
+
+
+def _warp_info(found: WarpSearch, classes: list[str]) -> WarpFamilyInfo:
+    size = int(found.per_class[0].field.shape[-1]) if found.per_class else 32
+    flagged = tuple(classes[c] for c in found.flagged)
+    return WarpFamilyInfo(
+        displacement=round(found.strength * size / 32, 2),
+        threshold=found.threshold,
+        complete=found.complete,
+        steps=found.steps,
+        seconds=found.seconds,
+        per_class=tuple(
+            WarpClassInfo(classes[c.target], round(c.success, 4), c.hits, c.trials, c.index)
+            for c in sorted(found.per_class, key=lambda c: -c.index)
+        ),
+        flagged=flagged,
+        examples=warp_file(flagged[0]) if flagged else None,
+    )
+
+
+def _warp_summary(warp: WarpFamilyInfo) -> str:
+    """One sentence on the warp family, for the `inversion` summary."""
+    head = f"Warp search (fields of {warp.displacement:.1f} px mean displacement"
+    head += "" if warp.complete else f", cut short by the budget after {warp.steps} steps"
+    if not warp.per_class:
+        return head + "): nothing searched."
+    if not warp.flagged:
+        top = warp.per_class[0]
+        return (
+            f"{head}): no class outlying (largest index {top.index:.2f} for '{top.label}', held-out "
+            f"success {top.success:.2f}, threshold {warp.threshold:.2f})."
+        )
+    by_label = {c.label: c for c in warp.per_class}
+    found = "; ".join(
+        f"'{label}' index {by_label[label].index:.2f}, held-out success {by_label[label].success:.2f}"
+        for label in warp.flagged
+    )
+    return (
+        f"{head}): {found} (suspected: a warp trigger, or a class any model reaches by warps; "
+        "not confirmed by this search)."
     )
 
 
@@ -272,7 +348,9 @@ def with_inversion(report: Report, info: InversionInfo) -> Report:
     findings = [replace(f, evidence_source="both") if f.target in confirmed else f for f in report.findings]
     known = {f.target for f in findings}
     added = [_finding(r) for label, r in confirmed.items() if label not in known]
-    suspects = tuple(dict.fromkeys([*report.suspects, *(r.label for r in info.recovered if not r.confirmed)]))
+    warped = info.warp.flagged if info.warp is not None else ()
+    unconfirmed = [r.label for r in info.recovered if not r.confirmed]
+    suspects = tuple(dict.fromkeys([*report.suspects, *unconfirmed, *warped]))
     report = replace(report, inversion=info, findings=tuple(findings + added), suspects=suspects)
     if report.verdict == "backdoor" or not added:
         if report.verdict == "clean":

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from auditor.inversion.decide import anomaly_indices, max_index_threshold, outliers
-from auditor.report import InversionInfo, RecoveredTriggerInfo, SearchedClassInfo
+from auditor.report import (
+    InversionInfo,
+    RecoveredTriggerInfo,
+    SearchedClassInfo,
+    WarpClassInfo,
+    WarpFamilyInfo,
+)
 from benchmarks import matrix
 
 
@@ -65,6 +71,16 @@ def test_the_inversion_block_round_trips_through_the_json_contract():
         ),
         seconds={"search": 1.0},
         passes={"backward": 10, "forward": 5},
+        warp=WarpFamilyInfo(
+            6.0,
+            3.28,
+            True,
+            15,
+            4.2,
+            (WarpClassInfo("b", 0.77, 40, 52, 5.4), WarpClassInfo("a", 0.02, 1, 50, 0.3)),
+            ("b",),
+            "warped-b-examples.png",
+        ),
     )
     raw = json.loads(json.dumps(info.to_dict()))
     assert InversionInfo.from_dict(raw) == info and InversionInfo.from_dict(raw).to_dict() == raw
