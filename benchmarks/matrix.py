@@ -712,7 +712,8 @@ def judge(report: dict[str, Any], truth: dict[str, Any], flipped: list[str] | No
 
 
 def _warp_record(report: dict[str, Any]) -> dict[str, Any]:
-    """The model-level warp family's outcome, when it ran: flagged classes, top index, steps."""
+    """The model-level warp family's outcome, when it ran: flagged classes, the top class (label,
+    index, held-out success), whether it ran to the end."""
     warp = (report.get("inversion") or {}).get("warp")
     if not warp:
         return {}
