@@ -42,6 +42,7 @@ from auditor.inversion.search import (
     ClassTrigger,
     DifferentiableModel,
     PassCounter,
+    PredictFn,
     SearchConfig,
     search_triggers,
 )
@@ -49,9 +50,6 @@ from auditor.inversion.warp import WarpConfig, WarpSearch, warp_family
 
 if TYPE_CHECKING:
     import torch
-
-PredictFn = Callable[[np.ndarray], np.ndarray]
-"""float32 (n, 3, S, S) pixels in [0, 1] -> int64 (n,) top-1 classes."""
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,10 @@ class ClassTrigger:
     batch_success: float
 
 
+PredictFn = Callable[[np.ndarray], np.ndarray]
+"""float32 (n, 3, S, S) pixels in [0, 1] -> int64 (n,) top-1 classes (the scan points it at its engine)."""
+
+
 @dataclass
 class PassCounter:
     """Images through the model: `backward` counts forward + backward passes, `forward` the rest."""

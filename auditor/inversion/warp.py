@@ -37,10 +37,7 @@ from auditor.inversion.decide import anomaly_indices, max_index_threshold, outli
 if TYPE_CHECKING:
     import torch
 
-    from auditor.inversion.search import DifferentiableModel, PassCounter
-
-PredictFn = Callable[[np.ndarray], np.ndarray]
-"""float32 (n, 3, S, S) pixels in [0, 1] -> int64 (n,) top-1 classes."""
+    from auditor.inversion.search import DifferentiableModel, PassCounter, PredictFn
 
 
 @dataclass(frozen=True)

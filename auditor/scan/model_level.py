@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from auditor.data import Dataset, ImageDecodeError
-from auditor.inversion.audit import Inversion, InversionConfig, PredictFn, invert
-from auditor.inversion.search import ClassTrigger, DifferentiableModel, SearchConfig, stamp_image
+from auditor.inversion.audit import Inversion, InversionConfig, invert
+from auditor.inversion.search import ClassTrigger, DifferentiableModel, PredictFn, SearchConfig, stamp_image
 from auditor.inversion.warp import WarpSearch
 from auditor.models import LoadedModel
 from auditor.report import (
@@ -184,7 +184,7 @@ def stamp_pictures(inversion: Inversion, classes: list[str]) -> dict[str, np.nda
         out[stamp_file(label, "-examples")] = _strip(stamped)
     warps = inversion.warp
     if warps is not None and warps.flagged:
-        out[warp_file(classes[warps.flagged[0]])] = _strip(_warped_examples(inversion))
+        out[warp_file(classes[warps.flagged[0]])] = _strip(_warped_examples(warps, inversion.examples))
     return out
 
 
@@ -193,18 +193,16 @@ def _strip(images: np.ndarray) -> np.ndarray:
     return (np.concatenate(list(images), axis=1) * 255).round().astype(np.uint8)
 
 
-def _warped_examples(inversion: Inversion) -> np.ndarray:
-    """float32 (k, S, S, 3): the held-out examples warped by the first flagged class's field."""
+def _warped_examples(warps: WarpSearch, examples: np.ndarray) -> np.ndarray:
+    """float32 (k, S, S, 3): `examples` (float32 (k, 3, S, S) in [0, 1]) warped by the field of
+    the first flagged class (`warps.flagged` is not empty)."""
     import torch
 
     from auditor.inversion.warp import apply_warp
 
-    warps = inversion.warp
-    if warps is None or not warps.flagged:
-        return inversion.examples.transpose(0, 2, 3, 1)
     first = next(c for c in warps.per_class if c.target == warps.flagged[0])
     with torch.no_grad():
-        warped = apply_warp(torch.from_numpy(inversion.examples), torch.from_numpy(first.field)[None])
+        warped = apply_warp(torch.from_numpy(examples), torch.from_numpy(first.field)[None])
     return warped.numpy().transpose(0, 2, 3, 1)
 
 
