@@ -776,6 +776,29 @@ def run_row(row: Row, folder: Path, work: Path, repair: bool) -> dict[str, Any]:
 
 
 # --- model-only audit (issue 17) -------------------------------------------------------------
+# The model-only audit's fresh held-out rows, fixed on 2026-12-05 at 15:55 UTC (session 26)
+# before any of them was audited model-only: the held-out rows of session 17's model-only run
+# have been seen by every search change since, so the next change is judged here. Every
+# heldout2-4 row whose trigger took (attack success >= 0.5 in its saved evaluation), and the
+# clean ones; each is audited once, with the search frozen.
+MODEL_ONLY_FRESH = (
+    "vit-64-strong-emoji-noise4",
+    "resnet-64-weak-photos-blocks3",
+    "resnet-64-weak-photos-checker2",
+    "resnet-64-strong-shapes-noise2",
+    "vit-64-strong-emoji-logo2",
+    "resnet-64-weak-photos-two2",
+    "resnet-64-weak-photos-clean4",
+    "vit-64-strong-emoji-clean2",
+    "resnet-64-weak-photos-blocks4",
+    "resnet-64-weak-photos-noise6",
+    "resnet-64-weak-photos-checker3",
+    "resnet-64-strong-shapes-blocks",
+    "resnet-64-weak-photos-blocks6",
+    "resnet-64-weak-photos-noise8",
+    "resnet-64-weak-photos-checker5",
+    "resnet-64-weak-photos-two3",
+)
 FRESH_IMAGES = 240  # the model-only audit's clean images, from FRESH_PHOTOS
 FRESH_SEED = 14_000
 MODEL_ONLY_BUDGET = 900.0  # seconds: large enough that the search completes; the default is recorded
