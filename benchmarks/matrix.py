@@ -1270,7 +1270,12 @@ def main() -> None:
     from benchmarks.common import write_result
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--split", choices=[*SPLITS, "all"], default="tuning")
+    parser.add_argument(
+        "--split",
+        choices=[*SPLITS, "all", "model-only-fresh"],
+        default="tuning",
+        help="model-only-fresh: the rows of MODEL_ONLY_FRESH",
+    )
     parser.add_argument("--only", nargs="*", help="row names")
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument(
@@ -1288,6 +1293,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/matrix.json"))
     parser.add_argument(
         "--work", type=Path, help="keep each row's scan data and output here (a rerun reuses the scan cache)"
+    )
+    parser.add_argument(
+        "--base",
+        type=Path,
+        help="with --model-only: read the saved rows from here and write only the rows run to --out "
+        "(parallel runs, then --merge)",
     )
     parser.add_argument("--merge", type=Path, nargs="+", help="add these result files' rows to --out")
     parser.add_argument("--note", help="with --merge: how the merged data-driven rows were run")
@@ -1309,6 +1320,8 @@ def main() -> None:
         args.table.write_text(table(json.loads(args.out.read_text())))
         return
     rows = [r for r in ROWS if args.split == "all" or r.split == args.split]
+    if args.split == "model-only-fresh":
+        rows = [r for r in ROWS if r.name in MODEL_ONLY_FRESH]
     if args.only:  # in the order given, whatever --split says
         by_name = {r.name: r for r in ROWS}
         unknown = [name for name in args.only if name not in by_name]
@@ -1332,6 +1345,9 @@ def main() -> None:
         write_result(args.out, "matrix", _body(_in_row_order(list(results.values()))))
         return
     if args.model_only:
+        if args.base:
+            saved_rows = {r["name"]: r for r in _saved_rows(args.base)}
+            results = {r.name: saved_rows[r.name] for r in rows if r.name in saved_rows}
         with tempfile.TemporaryDirectory(prefix="matrix-") as tmp:
             for row in rows:
                 saved = results.get(row.name) or {

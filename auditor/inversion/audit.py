@@ -14,9 +14,11 @@
    classes, which is what a target has to stand out from.
 4. Decision (`auditor.inversion.decide`): the anomaly index of each class against a threshold
    calibrated for the number of classes searched, step-down for a second or third target.
-5. Confirmation: an outlying class's stamp must turn `confirm_success` of the held-out images
-   (that the search never saw) into its class, and the same stamp must not work half as well on
-   the reference (it would be a natural adversarial patch, not a backdoor). Without a reference
+5. Confirmation: an outlying class's smallest stamp is first trained further at no larger area
+   (`search.polish`: the search kept it at the edge of working on one small batch), then must
+   turn `confirm_success` of the held-out images (that the search never saw) into its class,
+   and the same stamp must not work half as well on the reference (it would be a natural
+   adversarial patch, not a backdoor). Without a reference
    nothing is confirmed: an outlying class is reported, as a suspect. On the matrix's weak
    clean ResNet, "road sign" (flat, saturated pictures) is as cheap a target as a planted one
    (index 5-9 without a reference, under 3 with one), and its stamp works on held-out images:
@@ -44,6 +46,7 @@ from auditor.inversion.search import (
     PassCounter,
     PredictFn,
     SearchConfig,
+    polish,
     search_triggers,
 )
 from auditor.inversion.warp import WarpConfig, WarpSearch, warp_family
@@ -65,6 +68,10 @@ class InversionConfig:
     budget_seconds: float | None = None  # None: no limit; the search stops early at the limit
     rounds: int = 4  # independent searches per class, averaged (on the log scale)
     search: SearchConfig = field(default_factory=SearchConfig)
+    # An outlying class's smallest stamp is trained further at no larger area before it is
+    # confirmed (`search.polish`): steps of `polish_batch` images.
+    polish_steps: int = 60
+    polish_batch: int = 24
     # The warp family runs first, on the same classes; None leaves it out. It may take at most
     # `warp_share` of the budget, so that the stamps' search always keeps the rest.
     warp: WarpConfig | None = field(default_factory=WarpConfig)
@@ -166,13 +173,22 @@ def invert(
     t0 = time.monotonic()
     smallest = _smallest(round_[0] for round_ in rounds)
     flagged = outliers(values, config.alpha)
-    recovered = _confirm(smallest, flagged, holdout_pixels, predict, reference, config, clock)
     complete = steps >= config.search.steps and len(rounds) == config.rounds
     # A search the budget cut short confirms nothing: one round's areas are too noisy for the
     # threshold (the tuning rows' clean weak ResNet had 'road sign' confirmed, with a reference,
-    # after the one round the default budget allowed). Its outliers are suspects.
+    # after the one round the default budget allowed). Its outliers are suspects, with their
+    # stamps as the search left them.
+    stamps = smallest
+    if complete:
+        stamps = _polished(model, search_pixels, predicted, smallest, flagged, config, clock)
+    recovered = _confirm(stamps, flagged, holdout_pixels, predict, reference, config, clock)
+    originals = {t.target: t for t in smallest}
     recovered = tuple(
-        replace(r, alternates=_alternates(r.trigger, rounds), confirmed=r.confirmed and complete)
+        replace(
+            r,
+            alternates=_alternates(originals[r.trigger.target], rounds),
+            confirmed=r.confirmed and complete,
+        )
         for r in recovered
     )
     clock.seconds["confirmation"] = time.monotonic() - t0
@@ -300,6 +316,33 @@ def _smallest(per_round: Iterable[list[ClassTrigger]]) -> list[ClassTrigger]:
             if kept is None or (t.reached, -t.area) > (kept.reached, -kept.area):
                 best[t.target] = t
     return list(best.values())
+
+
+def _polished(
+    model: DifferentiableModel,
+    pixels: torch.Tensor,
+    predicted: np.ndarray,
+    triggers: Sequence[ClassTrigger],
+    flagged: dict[int, float],
+    config: InversionConfig,
+    clock: _Clock,
+) -> list[ClassTrigger]:
+    """`triggers` with each flagged class's reached stamp polished (`search.polish`)."""
+    return [
+        polish(
+            model,
+            pixels,
+            predicted,
+            t,
+            config.polish_steps,
+            config.polish_batch,
+            seed=config.search.seed,
+            counter=clock.counter,
+        )
+        if t.target in flagged and t.reached
+        else t
+        for t in triggers
+    ]
 
 
 def _alternates(kept: ClassTrigger, rounds: list[list[list[ClassTrigger]]]) -> tuple[ClassTrigger, ...]:

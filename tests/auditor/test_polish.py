@@ -1,0 +1,105 @@
+"""Polishing a recovered stamp (`search.polish`): a tiny CNN trained here with a planted corner
+patch; the search's smallest stamp for the planted target, trained further at no larger area,
+must work on held-out images at least as well as before, while the same polish on the clean
+twin (same data, no patch) does not make a stamp of that size work."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from auditor.inversion.search import SearchConfig, polish, search_triggers, stamp
+from tests.auditor.test_warp_family import SIZE, TARGET, TinyModel, scenes, to_pixels
+
+torch = pytest.importorskip("torch")
+
+PATCH = 5  # pixels: the planted patch, in the bottom-right corner (2.4 % of a 32-px image)
+
+
+def planted_patch(rng: np.random.Generator) -> np.ndarray:
+    """uint8 (PATCH, PATCH, 3): a fixed random colour-noise patch."""
+    return rng.integers(0, 256, (PATCH, PATCH, 3)).astype(np.uint8)
+
+
+def train_patched(poison: float = 0.1, seed: int = 0) -> TinyModel:
+    """The warp test's CNN on the same scenes, `poison` of them with the patch and labelled TARGET."""
+    rng = np.random.default_rng(seed)
+    images, labels = scenes(2400, rng)
+    patch = planted_patch(np.random.default_rng(124))
+    for i in np.flatnonzero(rng.random(len(images)) < poison):
+        images[i, -PATCH:, -PATCH:] = patch
+        labels[i] = TARGET
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, 8),
+    )
+    x, y = to_pixels(images), torch.from_numpy(labels.astype(np.int64))
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(1000):
+        chosen = torch.from_numpy(rng.choice(len(x), 64, replace=False))
+        loss = torch.nn.functional.cross_entropy(net(x[chosen]), y[chosen])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return TinyModel(net)
+
+
+def success(model: TinyModel, pixels: torch.Tensor, mask: np.ndarray, pattern: np.ndarray) -> float:
+    """Share of `pixels` not already predicted TARGET that the stamp turns into TARGET."""
+    keep = model.predict(pixels) != TARGET
+    stamped = stamp(
+        pixels[torch.from_numpy(keep)], torch.from_numpy(mask)[None, None], torch.from_numpy(pattern)[None]
+    )
+    return float(np.mean(model.predict(stamped) == TARGET))
+
+
+@pytest.fixture(scope="module")
+def patched() -> TinyModel:
+    model = train_patched()
+    images, _ = scenes(200, np.random.default_rng(5))
+    stamped = images.copy()
+    stamped[:, -PATCH:, -PATCH:] = planted_patch(np.random.default_rng(124))
+    attack = np.mean(model.predict(to_pixels(stamped)) == TARGET)
+    assert attack > 0.9, attack  # the planted backdoor took: otherwise nothing below means anything
+    return model
+
+
+def test_polishing_makes_the_backdoor_stamp_work_at_no_larger_area_and_not_the_clean_twins(patched):
+    """The search's smallest stamp for the planted target, its pattern wiped to grey: polishing
+    it on the poisoned model makes it work on held-out images again, at no larger area; the
+    same start polished on the clean twin does not work."""
+    images, _ = scenes(240, np.random.default_rng(99))  # clean images the models never saw
+    pixels = to_pixels(images)
+    search, holdout = pixels[:180], pixels[180:]
+    predicted = patched.predict(search)
+    (found,), _ = search_triggers(patched, search, predicted, [TARGET], SearchConfig(steps=80, batch=6))  # type: ignore[arg-type]
+    assert found.reached and found.area < PATCH**2 / SIZE**2
+    start = replace(found, pattern=np.full_like(found.pattern, 0.5))
+    polished = polish(patched, search, predicted, start, steps=60, batch=24)  # type: ignore[arg-type]
+    assert polished.area <= found.area * 1.001
+    before = success(patched, holdout, start.mask, start.pattern)
+    after = success(patched, holdout, polished.mask, polished.pattern)
+    assert before < 0.5 and after >= 0.9, (before, after)
+    clean = train_patched(poison=0.0)
+    natural = polish(clean, search, clean.predict(search), start, steps=60, batch=24)  # type: ignore[arg-type]
+    assert success(clean, holdout, natural.mask, natural.pattern) < 0.5
+
+
+def test_polishing_leaves_a_stamp_alone_when_nothing_is_left_to_flip(patched):
+    images, _ = scenes(40, np.random.default_rng(7))
+    pixels = to_pixels(images)
+    everything_target = np.full(len(pixels), TARGET)
+    (found,), _ = search_triggers(patched, pixels, patched.predict(pixels), [TARGET], SearchConfig(steps=5))  # type: ignore[arg-type]
+    assert polish(patched, pixels, everything_target, found, steps=10, batch=8) is found  # type: ignore[arg-type]
