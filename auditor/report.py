@@ -111,6 +111,8 @@ class RecoveredTriggerInfo:
     index: float
     area: float
     holdout_success: float
+    # The same start as `image`, polished on the reference model, on the reference's held-out
+    # images (a stamp carried over from the audited model hardly ever works on another model).
     reference_success: float | None
     confirmed: bool
     image: str

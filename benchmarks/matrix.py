@@ -694,7 +694,7 @@ def judge(report: dict[str, Any], truth: dict[str, Any], flipped: list[str] | No
         "suspected": suspected,
         "suspects": suspects,
         "best_rejected_transplant": report["trigger"]["transplant_success_rate"] if suspected else None,
-        "suspects_include_targets": bool(suspects) and set(targets) <= set(suspects),
+        "suspects_include_targets": bool(targets) and set(targets) <= set(suspects),
         "kinds": [f["kind"] for f in report.get("findings", [])],
         "transplant": [f["transplant_success_rate"] for f in report.get("findings", [])],
         "control": [f.get("control_rate") for f in report.get("findings", [])],

@@ -17,8 +17,8 @@
 5. Confirmation: an outlying class's smallest stamp is first trained further at no larger area
    (`search.polish`: the search kept it at the edge of working on one small batch), then must
    turn `confirm_success` of the held-out images (that the search never saw) into its class,
-   and the same stamp must not work half as well on the reference (it would be a natural
-   adversarial patch, not a backdoor). Without a reference
+   and the same start, polished on the reference, must not work half as well there (it would
+   be a natural shortcut of any such model, not a backdoor). Without a reference
    nothing is confirmed: an outlying class is reported, as a suspect. On the matrix's weak
    clean ResNet, "road sign" (flat, saturated pictures) is as cheap a target as a planted one
    (index 5-9 without a reference, under 3 with one), and its stamp works on held-out images:
@@ -178,10 +178,12 @@ def invert(
     # threshold (the tuning rows' clean weak ResNet had 'road sign' confirmed, with a reference,
     # after the one round the default budget allowed). Its outliers are suspects, with their
     # stamps as the search left them.
-    stamps = smallest
+    stamps, on_reference = smallest, smallest
     if complete:
         stamps = _polished(model, search_pixels, predicted, smallest, flagged, config, clock)
-    recovered = _confirm(stamps, flagged, holdout_pixels, predict, reference, config, clock)
+        if reference is not None:  # the same starts, polished on the clean model of the same kind
+            on_reference = _polished(reference[0], search_pixels, own[1], smallest, flagged, config, clock)
+    recovered = _confirm(stamps, on_reference, flagged, holdout_pixels, predict, reference, config, clock)
     originals = {t.target: t for t in smallest}
     recovered = tuple(
         replace(
@@ -450,6 +452,7 @@ def _scores(rounds: list[list[list[ClassTrigger]]], values: dict[int, float]) ->
 
 def _confirm(
     triggers: Sequence[ClassTrigger],
+    on_reference: Sequence[ClassTrigger],
     flagged: dict[int, float],
     holdout: torch.Tensor,
     predict: PredictFn,
@@ -458,15 +461,21 @@ def _confirm(
     clock: _Clock,
 ) -> tuple[RecoveredTrigger, ...]:
     """Every flagged class ({class: index}, `decide.outliers`) whose stamp reached the goal, with
-    the stamp's held-out success (and on the reference)."""
+    the stamp's held-out success, and on the reference the success of the class's stamp in
+    `on_reference` (the same start polished on the reference: a shortcut any model of the kind
+    has reaches the same success there, while a stamp carried over from the audited model hardly
+    ever works on another model, backdoor or not)."""
     by_target = {t.target: t for t in triggers}
+    theirs_by_target = {t.target: t for t in on_reference}
     out = []
     for target, index in flagged.items():
         trigger = by_target[target]
         if not trigger.reached:
             continue
         own = _success(trigger, holdout, predict, clock)
-        theirs = None if reference is None else _success(trigger, holdout, reference[1], clock)
+        theirs = None
+        if reference is not None:
+            theirs = _success(theirs_by_target[target], holdout, reference[1], clock)
         natural = theirs is not None and theirs >= config.reference_ratio * own
         out.append(
             RecoveredTrigger(
