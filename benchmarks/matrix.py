@@ -1160,10 +1160,10 @@ def _model_only_lines(body: dict[str, Any]) -> list[str]:
         "on), with a clean reference model of the same tower, size and source (`reference_row`). "
         "`index`: the largest anomaly index (log-area ratio to the reference), against the "
         "threshold; `no ref`: the index from the audited model's areas alone. Held-out success: "
-        "the recovered stamp on held-out fresh images. The search runs with a budget that lets "
-        "it finish; `default budget` is the same audit with the scan's default budget (as long as "
-        "the data pass took): its budget, the search rounds it kept, its verdict. Rows not listed "
-        "have not been run with the current search.",
+        "the recovered stamp (polished, since session 26) on held-out fresh images. The search "
+        "runs with a budget that lets it finish; `default budget` is the same audit with the "
+        "scan's default budget (as long as the data pass took): its budget, the search rounds it "
+        "kept, its verdict. Rows not listed have not been run with the current search.",
         "",
     ]
     if body.get("model_only_note"):
@@ -1302,6 +1302,7 @@ def main() -> None:
     )
     parser.add_argument("--merge", type=Path, nargs="+", help="add these result files' rows to --out")
     parser.add_argument("--note", help="with --merge: how the merged data-driven rows were run")
+    parser.add_argument("--model-only-note", help="with --merge: how the merged model-only columns were run")
     parser.add_argument("--table", type=Path, nargs="?", const=Path("docs/matrix.md"), help="write the table")
     args = parser.parse_args()
     if args.merge:  # rows scanned in parallel runs, each into its own file
@@ -1314,6 +1315,8 @@ def main() -> None:
         notes = {k: saved[k] for k in ("model_only_note", "data_driven_note") if k in saved}
         if args.note:
             notes["data_driven_note"] = args.note
+        if args.model_only_note:
+            notes["model_only_note"] = args.model_only_note
         write_result(args.out, "matrix", {**_body(_in_row_order(merged)), **notes, "merged_from": runs})
         return
     if args.table:
