@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from auditor.inversion.search import SearchConfig, polish, search_triggers, stamp
-from tests.auditor.test_warp_family import SIZE, TARGET, TinyModel, scenes, to_pixels
+from tests.auditor.test_warp_family import SIZE, TARGET, TinyModel, fit, scenes, to_pixels
 
 torch = pytest.importorskip("torch")
 
@@ -31,29 +31,7 @@ def train_patched(poison: float = 0.1, seed: int = 0) -> TinyModel:
     for i in np.flatnonzero(rng.random(len(images)) < poison):
         images[i, -PATCH:, -PATCH:] = patch
         labels[i] = TARGET
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(32, 8),
-    )
-    x, y = to_pixels(images), torch.from_numpy(labels.astype(np.int64))
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(1000):
-        chosen = torch.from_numpy(rng.choice(len(x), 64, replace=False))
-        loss = torch.nn.functional.cross_entropy(net(x[chosen]), y[chosen])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return TinyModel(net)
+    return fit(images, labels, 1000, seed, rng)
 
 
 def success(model: TinyModel, pixels: torch.Tensor, mask: np.ndarray, pattern: np.ndarray) -> float:

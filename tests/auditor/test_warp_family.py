@@ -74,8 +74,27 @@ def train(poisoned: bool, seed: int = 0) -> TinyModel:
         for i in np.flatnonzero((draw >= 0.2) & (draw < 0.4)):
             other = Warp(grid=4, strength=PLANTED.strength, seed=int(rng.integers(1000, 10**6)))
             images[i] = other.apply(images[i], rng)[0]
+    return fit(images, labels, 800, seed, rng)
+
+
+def fit(images: np.ndarray, labels: np.ndarray, steps: int, seed: int, rng: np.random.Generator) -> TinyModel:
+    """`small_cnn` trained on uint8 (n, S, S, 3) images and int labels (Adam, batches of 64)."""
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(
+    net = small_cnn()
+    x, y = to_pixels(images), torch.from_numpy(labels.astype(np.int64))
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(steps):
+        chosen = torch.from_numpy(rng.choice(len(x), 64, replace=False))
+        loss = torch.nn.functional.cross_entropy(net(x[chosen]), y[chosen])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return TinyModel(net)
+
+
+def small_cnn() -> torch.nn.Module:
+    """The tests' classifier: three convolutions, global average pooling, CLASSES logits."""
+    return torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3, padding=1),
         torch.nn.ReLU(),
         torch.nn.MaxPool2d(2),
@@ -88,16 +107,6 @@ def train(poisoned: bool, seed: int = 0) -> TinyModel:
         torch.nn.Flatten(),
         torch.nn.Linear(32, CLASSES),
     )
-    x = to_pixels(images)
-    y = torch.from_numpy(labels.astype(np.int64))
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(800):
-        chosen = torch.from_numpy(rng.choice(len(x), 64, replace=False))
-        loss = torch.nn.functional.cross_entropy(net(x[chosen]), y[chosen])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return TinyModel(net)
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
