@@ -244,14 +244,14 @@ def polish(
     import torch
     import torch.nn.functional as F
 
+    pool = np.flatnonzero(predicted != trigger.target)
+    if len(pool) == 0 or steps == 0:
+        return trigger
     counter = counter if counter is not None else PassCounter()
     rng = np.random.default_rng(seed)
     mask_logit = _logit(trigger.mask)[None, None].requires_grad_(True)
     pattern_logit = _logit(trigger.pattern)[None].requires_grad_(True)
     optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=lr, betas=(0.5, 0.9))
-    pool = np.flatnonzero(predicted != trigger.target)
-    if len(pool) == 0 or steps == 0:
-        return trigger
     labels = torch.full((batch,), trigger.target, dtype=torch.int64)
 
     def capped(logit: torch.Tensor) -> torch.Tensor:

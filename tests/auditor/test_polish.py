@@ -1,7 +1,7 @@
 """Polishing a recovered stamp (`search.polish`): a tiny CNN trained here with a planted corner
-patch; the search's smallest stamp for the planted target, trained further at no larger area,
-must work on held-out images at least as well as before, while the same polish on the clean
-twin (same data, no patch) does not make a stamp of that size work."""
+patch; the search's smallest stamp for the planted target, its pattern wiped, trained further
+at no larger area must work on held-out images again, while the same start polished on the
+clean twin (same data, no patch) does not."""
 
 from __future__ import annotations
 
