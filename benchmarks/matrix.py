@@ -781,6 +781,10 @@ def run_row(row: Row, folder: Path, work: Path, repair: bool) -> dict[str, Any]:
 # have been seen by every search change since, so the next change is judged here. Every
 # heldout2-4 row whose trigger took (attack success >= 0.5 in its saved evaluation), and the
 # clean ones; each is audited once, with the search frozen.
+# Session 27 (2026-12-05, fixed at 19:45 UTC before any ran): the shared-batch search is judged
+# on the same 16 rows, each once. Twelve were audited at 331af71 (session 26), so this is their
+# second look; the last four were stopped unrun then and are seen here for the first time. The
+# change was chosen on tuning rows only (pixels3, weak blocks, clean ViT diagnostics).
 MODEL_ONLY_FRESH = (
     "vit-64-strong-emoji-noise4",
     "resnet-64-weak-photos-blocks3",
@@ -833,7 +837,9 @@ def model_only_data(row: Row, folder: Path, work: Path) -> tuple[dict[str, Any],
     return truth, fresh, train(reference_row(row), folder)
 
 
-def model_only(row: Row, folder: Path, model_path: Path, work: Path, repair: bool = False) -> dict[str, Any]:
+def model_only(
+    row: Row, folder: Path, model_path: Path, work: Path, repair: bool = False, default_budget: bool = True
+) -> dict[str, Any]:
     """The row's model scanned with clean images only, judged against its planted targets.
 
     DATA is the row's scan folder without its triggered files; the search's images are fresh
@@ -845,7 +851,7 @@ def model_only(row: Row, folder: Path, model_path: Path, work: Path, repair: boo
 
     prepared = model_only_data(row, folder, work)  # written once, scanned twice
     truth = prepared[0]
-    default = _default_budget(row, folder, model_path, work, prepared)
+    default = _default_budget(row, folder, model_path, work, prepared) if default_budget else None
     code, report, seconds = model_only_scan(
         row, folder, model_path, work, prepared, "--inversion-budget", str(MODEL_ONLY_BUDGET)
     )
@@ -1290,6 +1296,11 @@ def main() -> None:
         action="store_true",
         help="add the model-only column (clean images only) to saved rows",
     )
+    parser.add_argument(
+        "--skip-default-budget",
+        action="store_true",
+        help="with --model-only: leave out the second audit of each row with the default budget",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/matrix.json"))
     parser.add_argument(
         "--work", type=Path, help="keep each row's scan data and output here (a rerun reuses the scan cache)"
@@ -1358,7 +1369,9 @@ def main() -> None:
                     **evaluate_row(row, folder, train(row, folder), Path(tmp) / row.name / "test"),
                 }
                 work = (args.work or Path(tmp)) / row.name / "model-only"
-                saved["model_only"] = model_only(row, folder, train(row, folder), work, args.repair)
+                saved["model_only"] = model_only(
+                    row, folder, train(row, folder), work, args.repair, not args.skip_default_budget
+                )
                 results[row.name] = saved
                 print(json.dumps({"name": row.name, **saved["model_only"]}), flush=True)
                 write_result(args.out, "matrix", _body(_in_row_order(list(results.values()))))
