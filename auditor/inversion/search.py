@@ -137,6 +137,24 @@ def stamp_image(image: np.ndarray, rgba: np.ndarray) -> np.ndarray:
     return blended.round().clip(0, 255).astype(np.uint8)
 
 
+def rgba_trigger(target: int, rgba: np.ndarray, size: int) -> ClassTrigger:
+    """A recovered stamp, uint8 RGBA (S', S', 4) as the scan wrote it, as a ClassTrigger at the
+    model's input size `size` (resized bilinearly when the sizes differ)."""
+    from PIL import Image
+
+    if rgba.shape[0] != size or rgba.shape[1] != size:
+        rgba = np.asarray(Image.fromarray(rgba, "RGBA").resize((size, size), Image.Resampling.BILINEAR))
+    values = rgba.astype(np.float32) / 255
+    mask, pattern = values[..., 3], values[..., :3].transpose(2, 0, 1)
+    return ClassTrigger(target, mask, np.ascontiguousarray(pattern), float(mask.mean()), True, 1.0)
+
+
+def trigger_rgba(trigger: ClassTrigger) -> np.ndarray:
+    """uint8 (S, S, 4): the pattern with the mask as alpha."""
+    rgba = np.concatenate([trigger.pattern, trigger.mask[None]], axis=0).transpose(1, 2, 0)
+    return (rgba * 255).round().astype(np.uint8)
+
+
 def search_triggers(
     model: DifferentiableModel,
     pixels: torch.Tensor,
@@ -150,7 +168,9 @@ def search_triggers(
     """Search a stamp for each of `targets` on `pixels` (float32 (N, 3, S, S) in [0, 1]).
 
     Each target's batches are drawn from the images the model does not already predict as it
-    (`predicted`: int64 (N,)). Stops after `config.steps`, or at `deadline` (time.monotonic()).
+    (`predicted`: int64 (N,)), or, given several models' predictions (int64 (M, N)), from the
+    images none of them predicts as it. Stops after `config.steps`, or at `deadline`
+    (time.monotonic()).
     Returns the triggers, in the order of `targets`, and the steps taken.
     """
     import torch
@@ -165,11 +185,11 @@ def search_triggers(
     mask_logit = (torch.randn(count, 1, size, size) * 0.1 - 3.0).requires_grad_(True)
     pattern_logit = (torch.randn(count, 3, size, size) * 0.1).requires_grad_(True)
     optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=config.lr, betas=(0.5, 0.9))
-    pools = [np.flatnonzero(predicted != t) for t in targets]
+    pools = batch_pools(predicted, targets)
     # A class that the model already predicts for every image has nothing to flip: it is not
     # searched (its batches are drawn from all images, and it reports no stamp).
     unsearchable = np.array([len(pool) == 0 for pool in pools])
-    pools = [pool if len(pool) else np.arange(len(predicted)) for pool in pools]
+    pools = [pool if len(pool) else np.arange(np.shape(predicted)[-1]) for pool in pools]
     cost = np.zeros(count)
     streak = np.zeros(count, np.int64)  # > 0: steps in a row at the goal; < 0: below it
     best_area = np.ones(count)
@@ -220,6 +240,13 @@ def search_triggers(
         for i, t in enumerate(targets)
     ]
     return triggers, steps
+
+
+def batch_pools(predicted: np.ndarray, targets: Sequence[int]) -> list[np.ndarray]:
+    """Per target, the indices of the images that no model predicts as it: `predicted` is int64
+    (N,) for one model or (M, N) for several (possibly none left)."""
+    predictions = np.atleast_2d(predicted)
+    return [np.flatnonzero((predictions != t).all(axis=0)) for t in targets]
 
 
 def polish(

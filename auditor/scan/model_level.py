@@ -18,7 +18,13 @@ import numpy as np
 
 from auditor.data import Dataset, ImageDecodeError
 from auditor.inversion.audit import Inversion, InversionConfig, invert
-from auditor.inversion.search import ClassTrigger, DifferentiableModel, PredictFn, SearchConfig, stamp_image
+from auditor.inversion.search import (
+    DifferentiableModel,
+    PredictFn,
+    SearchConfig,
+    stamp_image,
+    trigger_rgba,
+)
 from auditor.inversion.warp import WarpSearch
 from auditor.models import LoadedModel
 from auditor.report import (
@@ -125,7 +131,7 @@ def stamp_compact(ctx: ScanContext, inversion: Inversion, excluded: set[int]) ->
     """
     # Every round's stamp of a confirmed target, in turn: the planted trigger is one shortcut and
     # each round found its own shape of it; unlearning them all generalizes better than one.
-    stamps = [_rgba(t) for r in inversion.confirmed for t in (r.trigger, *r.alternates)]
+    stamps = [trigger_rgba(t) for r in inversion.confirmed for t in (r.trigger, *r.alternates)]
     if not stamps:
         return ()
     classes = ctx.dataset.classes
@@ -152,12 +158,6 @@ def stamp_compact(ctx: ScanContext, inversion: Inversion, excluded: set[int]) ->
     return tuple(pairs)
 
 
-def _rgba(trigger: ClassTrigger) -> np.ndarray:
-    """uint8 (S, S, 4): the pattern with the mask as alpha."""
-    rgba = np.concatenate([trigger.pattern, trigger.mask[None]], axis=0).transpose(1, 2, 0)
-    return (rgba * 255).round().astype(np.uint8)
-
-
 def not_run(mode: str, confirmed: int) -> InversionInfo:
     """The report's block when the stage did not run, saying why."""
     why = (
@@ -177,7 +177,7 @@ def stamp_pictures(inversion: Inversion, classes: list[str]) -> dict[str, np.nda
     for recovered in inversion.recovered:
         trigger = recovered.trigger
         label = classes[trigger.target]
-        out[stamp_file(label)] = _rgba(trigger)
+        out[stamp_file(label)] = trigger_rgba(trigger)
         examples = inversion.examples.transpose(0, 2, 3, 1)  # (k, S, S, 3) in [0, 1]
         mask, pattern = trigger.mask[..., None], trigger.pattern.transpose(1, 2, 0)
         stamped = (1 - mask) * examples + mask * pattern

@@ -86,6 +86,16 @@ def test_the_inversion_block_round_trips_through_the_json_contract():
     assert InversionInfo.from_dict(raw) == info and InversionInfo.from_dict(raw).to_dict() == raw
 
 
+def test_shared_batches_leave_out_every_image_any_model_already_predicts_as_the_class():
+    from auditor.inversion.search import batch_pools
+
+    audited = np.array([0, 1, 2, 0, 1])
+    reference = np.array([0, 0, 2, 1, 1])
+    assert [p.tolist() for p in batch_pools(audited, [0, 1])] == [[1, 2, 4], [0, 2, 3]]
+    shared = batch_pools(np.stack([audited, reference]), [0, 1, 2])
+    assert [p.tolist() for p in shared] == [[2, 4], [0, 2], [0, 1, 3, 4]]
+
+
 ROWS = {row.name: row for row in matrix.ROWS}
 
 
