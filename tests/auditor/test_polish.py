@@ -1,7 +1,8 @@
-"""Polishing a recovered stamp (`search.polish`): a tiny CNN trained here with a planted corner
-patch; the search's smallest stamp for the planted target, its pattern wiped, trained further
-at no larger area must work on held-out images again, while the same start polished on the
-clean twin (same data, no patch) does not."""
+"""Polishing a recovered stamp (`search.polish`), and following it through a repair
+(`inversion.follow`): a tiny CNN trained here with a planted corner patch; the search's smallest
+stamp for the planted target, its pattern wiped, trained further at no larger area must work on
+held-out images again, while the same start polished on the clean twin (same data, no patch)
+does not."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from auditor.inversion.follow import FollowedStamp, StampFollower
 from auditor.inversion.search import SearchConfig, polish, search_triggers, stamp
 from tests.auditor.test_warp_family import SIZE, TARGET, TinyModel, fit, scenes, to_pixels
 
@@ -54,7 +56,12 @@ def patched() -> TinyModel:
     return model
 
 
-def test_polishing_makes_the_backdoor_stamp_work_at_no_larger_area_and_not_the_clean_twins(patched):
+@pytest.fixture(scope="module")
+def clean() -> TinyModel:
+    return train_patched(poison=0.0)
+
+
+def test_polishing_makes_the_backdoor_stamp_work_at_no_larger_area_and_not_the_clean_twins(patched, clean):
     """The search's smallest stamp for the planted target, its pattern wiped to grey: polishing
     it on the poisoned model makes it work on held-out images again, at no larger area; the
     same start polished on the clean twin does not work."""
@@ -70,7 +77,6 @@ def test_polishing_makes_the_backdoor_stamp_work_at_no_larger_area_and_not_the_c
     before = success(patched, holdout, start.mask, start.pattern)
     after = success(patched, holdout, polished.mask, polished.pattern)
     assert before < 0.5 and after >= 0.9, (before, after)
-    clean = train_patched(poison=0.0)
     natural = polish(clean, search, clean.predict(search), start, steps=60, batch=24)  # type: ignore[arg-type]
     assert success(clean, holdout, natural.mask, natural.pattern) < 0.5
 
@@ -81,3 +87,41 @@ def test_polishing_leaves_a_stamp_alone_when_nothing_is_left_to_flip(patched):
     everything_target = np.full(len(pixels), TARGET)
     (found,), _ = search_triggers(patched, pixels, patched.predict(pixels), [TARGET], SearchConfig(steps=5))  # type: ignore[arg-type]
     assert polish(patched, pixels, everything_target, found, steps=10, batch=8) is found  # type: ignore[arg-type]
+
+
+def test_a_followed_stamp_finds_the_planted_backdoor_again_and_lets_a_clean_model_go(patched, clean):
+    """A repair that has unlearned its stamp (here: the pattern wiped, so it no longer works) is
+    not done while the planted patch still works: the follower, polishing the stamp again on the
+    model, finds a stamp over the bar. On a model without the backdoor (the clean twin) it finds
+    none. The bar is the scan's: what the same start reaches on a clean reference (another
+    twin), over the confirmation's ratio of 0.5. The module's training flags survive."""
+    images, _ = scenes(240, np.random.default_rng(99))
+    pixels = to_pixels(images)
+    search, holdout = pixels[:180], pixels[180:]
+    (found,), _ = search_triggers(
+        patched, search, patched.predict(search), [TARGET], SearchConfig(steps=80, batch=6)
+    )  # type: ignore[arg-type]
+    unlearned = replace(found, pattern=np.full_like(found.pattern, 0.5))
+    assert success(patched, holdout, unlearned.mask, unlearned.pattern) < 0.5
+    reference = train_patched(poison=0.0, seed=1)
+    theirs = polish(reference, search, reference.predict(search), unlearned, steps=60, batch=24)  # type: ignore[arg-type]
+    bar = success(reference, holdout, theirs.mask, theirs.pattern) / 0.5
+    for model, backdoored in ((patched, True), (clean, False)):
+        net = model.net.train()
+        frozen = next(net.parameters()).requires_grad_(False)
+        follower = StampFollower(
+            net, lambda net=net: TinyModel(net), search, {TARGET: FollowedStamp(unlearned, bar)}
+        )  # type: ignore[arg-type,misc]
+        follower.refresh()
+        assert (
+            net.training
+            and not frozen.requires_grad
+            and all(p.requires_grad for p in list(net.parameters())[1:])
+        )
+        net.eval()
+        followed = follower.stamps[TARGET].trigger
+        assert followed is not None and followed.area <= unlearned.area * 1.001
+        rate = success(model, holdout, followed.mask, followed.pattern)
+        over = follower.over_bar({TARGET: rate})
+        assert bool(over) == backdoored, (backdoored, rate, bar)
+        frozen.requires_grad_(True)
