@@ -101,7 +101,7 @@ class RepairConfig:
     # model as it now is (`auditor.inversion.follow`), at most every `follow_every` steps; the
     # trigger is gone only when the re-polished stamp is too. 0 (the default): the recovered
     # stamp alone. Tried in session 27 and left off: it took a weak ResNet's planted trigger
-    # from 0.34 (stamp alone) to 0.01, but at 8 points of clean accuracy; it did not find the
+    # from 0.34 (stamp alone) to 0.01, but at 6 points of clean accuracy; it did not find the
     # noise ViT's at all (docs/design.md, "A repair that follows the stamp").
     follow_every: int = 0
     follow_steps: int = 60
