@@ -51,7 +51,7 @@ from auditor.report import FindingInfo, Report
 from auditor.scan.check import ablate_segment
 from auditor.scan.confirm import add_overlay
 from auditor.scan.trigger import Prototype, box_mask, paste
-from auditor.scoring import embed_classes, make_scorer, torch_runners
+from auditor.scoring import make_scorer, torch_class_weights, torch_runners
 
 if TYPE_CHECKING:
     import torch
@@ -924,9 +924,7 @@ def stamp_follower(
     if not stamps:
         return None
     plain = plain_pixels(loaded, preprocess_images(loaded, list(pool)[: config.follow_images]))
-    _, text_runner = torch_runners(loaded)
-    with text_runner:
-        weights = embed_classes(text_runner, loaded.tokenizer, dataset.classes)
+    weights = torch_class_weights(loaded, dataset.classes)
     pixels = torch.from_numpy(np.ascontiguousarray(plain))
     return StampFollower(
         loaded.model,

@@ -238,6 +238,14 @@ def torch_runners(loaded: LoadedModel, device: str = "cpu") -> tuple[Runner, Run
     return image, text
 
 
+def torch_class_weights(loaded: LoadedModel, classes: Sequence[str]) -> np.ndarray:
+    """`embed_classes` through `loaded`'s own text tower in PyTorch: float32 (C, D), rows
+    L2-normalized (the class weights a gradient search differentiates against)."""
+    _, text_runner = torch_runners(loaded)
+    with text_runner:
+        return embed_classes(text_runner, loaded.tokenizer, classes)
+
+
 def make_scorer(
     loaded: LoadedModel, classes: Sequence[str], image_runner: Runner, text_runner: Runner
 ) -> ZeroShotScorer:

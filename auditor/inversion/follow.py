@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,14 +38,12 @@ class FollowedStamp:
     """One target's stamp as the repair follows it.
 
     `start`: the recovered stamp; `trigger`: the latest polish of it; `bar`: the highest held-out
-    success a polished stamp may have for the target to count as gone; `found`: every polished
-    stamp that was over it (the repair unlearns them too).
+    success a polished stamp may have for the target to count as gone.
     """
 
     start: ClassTrigger
     bar: float
     trigger: ClassTrigger | None = None
-    found: list[ClassTrigger] = field(default_factory=list)
 
 
 class StampFollower:
@@ -92,14 +90,13 @@ class StampFollower:
                 )
 
     def over_bar(self, success: dict[int, float]) -> list[ClassTrigger]:
-        """The followed stamps whose held-out `success` ({target: rate}) is over their bar; each
-        is remembered in its `found` list."""
-        over = []
-        for target, followed in self.stamps.items():
-            if followed.trigger is not None and success.get(target, 0.0) > followed.bar:
-                followed.found.append(followed.trigger)
-                over.append(followed.trigger)
-        return over
+        """The latest polish of each followed stamp whose held-out `success` ({target: rate}) is
+        over its bar (the repair unlearns them too)."""
+        return [
+            followed.trigger
+            for target, followed in self.stamps.items()
+            if followed.trigger is not None and success.get(target, 0.0) > followed.bar
+        ]
 
 
 def plain_pixels(loaded: LoadedModel, pixels: np.ndarray) -> np.ndarray:

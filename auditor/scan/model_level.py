@@ -39,7 +39,7 @@ from auditor.report import (
 )
 from auditor.scan.compact import CompactPair, caption
 from auditor.scan.context import Progress, ScanContext
-from auditor.scoring import ZeroShotScorer
+from auditor.scoring import ZeroShotScorer, torch_class_weights
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +77,7 @@ def model_level(
         return None
     ref = None
     if reference is not None:
-        ref_model = DifferentiableModel(reference, _reference_weights(reference, ctx.dataset.classes))
+        ref_model = DifferentiableModel(reference, torch_class_weights(reference, ctx.dataset.classes))
         ref = (ref_model, lambda p: ref_model.predict(torch.from_numpy(p)))
     return invert(model, pixels, _engine_predict(ctx, scorer, model), config, ref, progress)
 
@@ -113,14 +113,6 @@ def _engine_predict(ctx: ScanContext, scorer: ZeroShotScorer, model: Differentia
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     return predict
-
-
-def _reference_weights(reference: LoadedModel, classes: list[str]) -> np.ndarray:
-    from auditor.scoring import embed_classes, torch_runners
-
-    _, text_runner = torch_runners(reference)
-    with text_runner:
-        return embed_classes(text_runner, reference.tokenizer, classes)
 
 
 def stamp_compact(ctx: ScanContext, inversion: Inversion, excluded: set[int]) -> tuple[CompactPair, ...]:
